@@ -1,0 +1,1 @@
+"""tideserve autoscaler service (see DESIGN.md)."""

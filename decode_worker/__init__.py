@@ -1,0 +1,1 @@
+"""tideserve decode_worker service (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""tideserve kv_transfer service (see DESIGN.md)."""

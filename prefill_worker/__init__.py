@@ -1,0 +1,1 @@
+"""tideserve prefill_worker service (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""tideserve router service (see DESIGN.md)."""

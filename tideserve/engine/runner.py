@@ -1,0 +1,95 @@
+"""Turns a scheduled step into tensors, runs the model on them, and samples.
+
+One `run(step)` call: build the flattened batch (tokens, positions, cache slots, attention
+metadata) with numpy on the host, one copy to the device, one forward pass, one sampling call.
+No per-token Python loop: per-sequence work is a handful of numpy slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tideserve.engine.attention import AttentionBatch, PrefillChunk
+from tideserve.engine.kv_cache import KVCache
+from tideserve.engine.model import LlamaModel
+from tideserve.engine.sampler import SampleResult, Sampler
+from tideserve.engine.scheduler import ScheduledSeq, SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.sampler = Sampler()
+        self._arange = np.arange(kv.block_size, dtype=np.int64)
+
+    def run(self, step: SchedulerOutput) -> tuple[list[ScheduledSeq], SampleResult]:
+        """Runs one step; returns the sampling rows (scheduled items that sample) and tokens."""
+        items = step.decodes + step.prefills
+        input_ids, positions, slot_mapping = [], [], []
+        sample_rows, logits_idx = [], []
+        offset = 0
+        for item in items:
+            seq = item.seq
+            end = item.start + item.num_tokens
+            input_ids.append(np.asarray(seq.token_slice(item.start, end), dtype=np.int64))
+            pos = np.arange(item.start, end, dtype=np.int64)
+            positions.append(pos)
+            slot_mapping.append(self._slots(seq.block_table, item.start, end))
+            offset += item.num_tokens
+            if item.sample:
+                sample_rows.append(item)
+                logits_idx.append(offset - 1)
+        batch = self._attention_batch(step, slot_mapping)
+        to_dev = lambda arrs: torch.from_numpy(np.concatenate(arrs)).to(self.device)
+        logits = self.model(
+            to_dev(input_ids),
+            to_dev(positions),
+            self.kv.tensor,
+            batch,
+            torch.tensor(logits_idx, dtype=torch.long, device=self.device),
+        )
+        if not sample_rows:
+            return [], SampleResult([], [])
+        params = [it.seq.params for it in sample_rows]
+        ids = [it.seq.request_id for it in sample_rows]
+        return sample_rows, self.sampler(logits, params, ids)
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> np.ndarray:
+        bs = self.kv.block_size
+        blocks = np.asarray(block_table[: -(-end // bs)], dtype=np.int64)
+        return (blocks[:, None] * bs + self._arange).reshape(-1)[start:end]
+
+    def _attention_batch(self, step: SchedulerOutput, slot_mapping: list[np.ndarray]) -> AttentionBatch:
+        dev = self.device
+        decode_slots = decode_bias = None
+        if step.decodes:
+            lens = [d.start + 1 for d in step.decodes]
+            width = max(lens)
+            slots = np.zeros((len(lens), width), dtype=np.int64)
+            bias = np.full((len(lens), 1, 1, width), -np.inf, dtype=np.float32)
+            for b, (d, n) in enumerate(zip(step.decodes, lens)):
+                slots[b, :n] = self._slots(d.seq.block_table, 0, n)
+                bias[b, ..., :n] = 0.0
+            decode_slots = torch.from_numpy(slots).to(dev)
+            decode_bias = torch.from_numpy(bias).to(dev)
+        prefills = []
+        q_start = len(step.decodes)
+        for p in step.prefills:
+            end = p.start + p.num_tokens
+            ctx_slots = torch.from_numpy(self._slots(p.seq.block_table, 0, end)).to(dev)
+            mask = None
+            if p.start:
+                rows = np.arange(p.start, end)[:, None]
+                mask = torch.from_numpy(np.arange(end)[None, :] <= rows).to(dev)
+            prefills.append(PrefillChunk(q_start, p.num_tokens, ctx_slots, mask))
+            q_start += p.num_tokens
+        return AttentionBatch(
+            slot_mapping=torch.from_numpy(np.concatenate(slot_mapping)).to(dev),
+            num_decodes=len(step.decodes),
+            decode_slots=decode_slots,
+            decode_bias=decode_bias,
+            prefills=prefills,
+        )
