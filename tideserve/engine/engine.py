@@ -41,6 +41,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop", "length", "abort"
     new_logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # every output token's so far
     num_prompt_tokens: int = 0
 
 
@@ -169,6 +170,7 @@ class LLMEngine:
                 finished=seq.is_finished,
                 finish_reason=seq.status.value if seq.is_finished else None,
                 new_logprobs=[logprobs[seq.request_id]] if seq.request_id in logprobs else [],
+                logprobs=seq.output_logprobs,
                 num_prompt_tokens=seq.num_prompt_tokens,
             ))
             if seq.is_finished and not seq.hold_kv:

@@ -72,6 +72,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
         self.running: list[Sequence] = []  # sorted by (priority, arrival)
         self.importing: dict[str, Sequence] = {}
+        self.num_preemptions = 0  # since start, for metrics
 
     # -- queue management ------------------------------------------------------------------
 
@@ -149,6 +150,7 @@ class Scheduler:
         self.release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         out.preempted.append(seq)
         self.add(seq)
 

@@ -1,0 +1,216 @@
+"""The engine on a tiny random Llama: batching, KV export/import, sampling, bad input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.factories import make_tiny_model
+from tideserve.config import EngineConfig
+from tideserve.engine.engine import LLMEngine
+from tideserve.engine.llm import LLM
+from tideserve.engine.sequence import SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def make_engine(path, **kw) -> LLMEngine:
+    kw.setdefault("kv_cache_bytes", 1 << 22)
+    return LLMEngine.from_config(EngineConfig(model=str(path), **kw))
+
+
+def run(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list[int]]:
+    done = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return done
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.token_ids)
+    raise AssertionError("engine did not finish")
+
+
+def assert_no_leak(engine: LLMEngine) -> None:
+    assert engine.num_free_blocks == engine.num_total_blocks
+    assert not engine.seqs and not engine.has_unfinished()
+
+
+def random_prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 90) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def test_batch_invariance_with_chunked_prefill(tiny_model_dir):
+    prompts = random_prompts(16)
+    alone = make_engine(tiny_model_dir, max_num_batched_tokens=512)
+    expected = []
+    for i, p in enumerate(prompts):
+        alone.add_request(f"a{i}", p, SamplingParams(max_tokens=12, **GREEDY))
+        expected.append(run(alone)[f"a{i}"])
+    batched = make_engine(tiny_model_dir, max_num_batched_tokens=40)  # forces chunking
+    for i, p in enumerate(prompts):
+        batched.add_request(f"b{i}", p, SamplingParams(max_tokens=12, **GREEDY))
+    got = run(batched)
+    assert [got[f"b{i}"] for i in range(16)] == expected
+    assert_no_leak(batched)
+
+
+def test_preemption_under_a_tiny_kv_budget_gives_same_tokens(tiny_model_dir):
+    prompts = random_prompts(6, seed=3, lo=20, hi=40)
+    roomy = make_engine(tiny_model_dir)
+    small = make_engine(tiny_model_dir, kv_cache_bytes=14 * 16 * 2 * 2 * 2 * 16 * 4)  # 14 blocks
+    for e in (roomy, small):
+        for i, p in enumerate(prompts):
+            e.add_request(f"r{i}", p, SamplingParams(max_tokens=30, **GREEDY))
+    expected, got = run(roomy), run(small)
+    assert got == expected
+    assert small.scheduler.num_preemptions > 0
+    assert_no_leak(small)
+
+
+def test_kv_export_import_continues_identically(tiny_model_dir):
+    prompt = random_prompts(1, seed=7, lo=50, hi=50)[0]
+    ref = make_engine(tiny_model_dir)
+    ref.add_request("ref", prompt, SamplingParams(max_tokens=20, **GREEDY))
+    expected = run(ref)["ref"]
+
+    src = make_engine(tiny_model_dir)
+    src.add_request("x", prompt, SamplingParams(max_tokens=5, **GREEDY), hold_kv=True)
+    first = run(src)["x"]
+    n_kv = src.kv_num_tokens("x")
+    assert n_kv == len(prompt) + 4  # the last sampled token has no KV yet
+    layers = [src.export_kv_layer("x", layer) for layer in range(src.model_config.num_layers)]
+    src.release("x")
+    assert_no_leak(src)
+
+    dst = make_engine(tiny_model_dir, max_num_batched_tokens=64)
+    assert dst.begin_import("x", prompt, first, n_kv, SamplingParams(max_tokens=20, **GREEDY))
+    for layer, kv in enumerate(layers):
+        dst.import_kv_layer("x", layer, kv)
+    dst.finish_import("x")
+    assert run(dst)["x"] == expected
+    assert_no_leak(dst)
+
+
+def test_abort_during_import_frees_blocks(tiny_model_dir):
+    dst = make_engine(tiny_model_dir)
+    assert dst.begin_import("y", [5] * 40, [6], 40, SamplingParams(max_tokens=4))
+    assert dst.num_free_blocks < dst.num_total_blocks
+    dst.import_kv_layer("y", 0, torch.zeros(2, 40, 2, 16))
+    assert dst.abort("y")
+    assert_no_leak(dst)
+
+
+def test_abort_running_request_frees_blocks(tiny_model_dir):
+    e = make_engine(tiny_model_dir)
+    e.add_request("a", [4] * 30, SamplingParams(max_tokens=50, **GREEDY))
+    e.add_request("b", [5] * 10, SamplingParams(max_tokens=3, **GREEDY))
+    e.step()
+    e.step()
+    assert e.abort("a") and not e.abort("nope")
+    assert "b" in run(e)
+    assert_no_leak(e)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_model_dir):
+    e = make_engine(tiny_model_dir)
+    sp = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    e.add_request("s1", [7, 8, 9], sp)
+    alone = run(e)["s1"]
+    e.add_request("s2", [7, 8, 9], sp)
+    for i, p in enumerate(random_prompts(4, seed=9)):
+        e.add_request(f"noise{i}", p, SamplingParams(max_tokens=16, temperature=1.0))
+    assert run(e)["s2"] == alone
+    e.add_request("s3", [7, 8, 9], SamplingParams(max_tokens=16, temperature=1.0, seed=99))
+    assert run(e)["s3"] != alone
+    assert_no_leak(e)
+
+
+def test_top_k_one_equals_greedy_and_logprobs(tiny_model_dir):
+    e = make_engine(tiny_model_dir)
+    e.add_request("g", [3, 4, 5], SamplingParams(max_tokens=8, logprobs=2, **GREEDY))
+    e.add_request("k", [3, 4, 5], SamplingParams(max_tokens=8, temperature=0.8, top_k=1, ignore_eos=True))
+    outs = {}
+    while e.has_unfinished():
+        for o in e.step():
+            if o.finished:
+                outs[o.request_id] = o
+    assert outs["g"].token_ids == outs["k"].token_ids
+    lps = outs["g"].logprobs
+    assert len(lps) == 8
+    for tok, lp in zip(outs["g"].token_ids, lps):
+        assert max(lp, key=lp.get) == tok and lp[tok] <= 0.0 and len(lp) == 2
+
+
+def test_sharded_checkpoint_and_dummy_weights(tmp_path):
+    sharded = make_tiny_model(tmp_path / "sharded", shards=3)
+    single = make_tiny_model(tmp_path / "single")
+    prompts = random_prompts(3, seed=5)
+    outs = []
+    for path in (sharded, single):
+        e = make_engine(path)
+        for i, p in enumerate(prompts):
+            e.add_request(str(i), p, SamplingParams(max_tokens=6, **GREEDY))
+        outs.append(run(e))
+    assert outs[0] == outs[1]
+    dummy = make_engine(single, load_format="dummy")
+    dummy.add_request("d", prompts[0], SamplingParams(max_tokens=4, **GREEDY))
+    assert len(run(dummy)["d"]) == 4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs(tiny_model_dir, dtype):
+    e = make_engine(tiny_model_dir, dtype=dtype)
+    e.add_request("h", [3, 4, 5, 6], SamplingParams(max_tokens=5, **GREEDY))
+    assert len(run(e)["h"]) == 5
+    assert e.runner.kv.tensor.dtype == getattr(torch, dtype)
+
+
+def test_bad_input_is_a_clear_error(tiny_model_dir, tmp_path):
+    llm = LLM(model=str(tiny_model_dir), kv_cache_bytes=1 << 22)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]])
+    with pytest.raises(ValueError, match="empty"):
+        llm.engine.add_request("e", [], SamplingParams())
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=-3)
+    with pytest.raises(ValueError, match="context length"):
+        llm.generate([[5] * 300])
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):
+        llm.generate([[5, 100000]])
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        llm.generate([[5]], [SamplingParams(), SamplingParams()])
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        LLM(model=str(tmp_path / "missing"))
+    assert_no_leak(llm.engine)
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    path = make_tiny_model(tmp_path / "gpt", architectures=["GPTNeoXForCausalLM"])
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"):
+        make_engine(path)
+
+
+def test_matches_hf_transformers_on_tiny_models(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    variants = {
+        "llama": {},
+        "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_bias=True),
+        "llama3": dict(rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None),
+        "tied": dict(tie_word_embeddings=True),
+    }
+    ids = torch.randint(3, 512, (1, 70), generator=torch.Generator().manual_seed(1))
+    for name, overrides in variants.items():
+        path = make_tiny_model(tmp_path / name, **overrides)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        ref = hf.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+        e = make_engine(path, max_num_batched_tokens=32)
+        e.add_request(name, ids[0].tolist(), SamplingParams(max_tokens=16, **GREEDY))
+        assert run(e)[name] == ref[0, 70:].tolist(), name
