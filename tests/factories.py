@@ -74,5 +74,7 @@ def make_tiny_model(path: Path, shards: int = 1, seed: int = 0, **overrides) -> 
         part = {n: state[n] for n in names[s::shards]}
         save_file(part, str(path / fname), metadata={"format": "pt"})
         weight_map |= {n: fname for n in part}
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return path

@@ -1,8 +1,8 @@
 """`tideserve` command line: the one composition root that may start any service.
 
-    tideserve model prepare      convert the embedded default model into the cache (once)
-    tideserve model path         print the default model's folder, preparing it if needed
-    tideserve generate PROMPT    run the offline engine on one prompt and print the text
+tideserve model prepare      convert the embedded default model into the cache (once)
+tideserve model path         print the default model's folder, preparing it if needed
+tideserve generate PROMPT    run the offline engine on one prompt and print the text
 """
 
 from __future__ import annotations
@@ -49,14 +49,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
     print(llm.generate(prompt, params)[0].text)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tideserve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tideserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
     model = sub.add_parser("model", help="manage the embedded default model")
@@ -75,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:

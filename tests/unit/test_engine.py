@@ -98,7 +98,7 @@ def test_abort_during_import_frees_blocks(tiny_model_dir):
     dst = make_engine(tiny_model_dir)
     assert dst.begin_import("y", [5] * 40, [6], 40, SamplingParams(max_tokens=4))
     assert dst.num_free_blocks < dst.num_total_blocks
-    dst.import_kv_layer("y", 0, torch.zeros(2, 40, 2, 16))
+    dst.import_kv_layer("y", 0, torch.zeros(2, 2, 40, 16))
     assert dst.abort("y")
     assert_no_leak(dst)
 
@@ -131,7 +131,9 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_model_dir):
 def test_top_k_one_equals_greedy_and_logprobs(tiny_model_dir):
     e = make_engine(tiny_model_dir)
     e.add_request("g", [3, 4, 5], SamplingParams(max_tokens=8, logprobs=2, **GREEDY))
-    e.add_request("k", [3, 4, 5], SamplingParams(max_tokens=8, temperature=0.8, top_k=1, ignore_eos=True))
+    e.add_request(
+        "k", [3, 4, 5], SamplingParams(max_tokens=8, temperature=0.8, top_k=1, ignore_eos=True)
+    )
     outs = {}
     while e.has_unfinished():
         for o in e.step():
@@ -200,17 +202,28 @@ def test_matches_hf_transformers_on_tiny_models(tmp_path):
     variants = {
         "llama": {},
         "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_bias=True),
-        "llama3": dict(rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-        "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None),
+        "llama3": dict(
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        "mistral": dict(
+            architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None
+        ),
         "tied": dict(tie_word_embeddings=True),
     }
     ids = torch.randint(3, 512, (1, 70), generator=torch.Generator().manual_seed(1))
     for name, overrides in variants.items():
         path = make_tiny_model(tmp_path / name, **overrides)
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        ref = hf.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ref = hf.generate(
+            ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
         e = make_engine(path, max_num_batched_tokens=32)
         e.add_request(name, ids[0].tolist(), SamplingParams(max_tokens=16, **GREEDY))
         assert run(e)[name] == ref[0, 70:].tolist(), name

@@ -16,7 +16,9 @@ def make_scheduler(num_blocks=64, block_size=4, **cfg) -> Scheduler:
     return Scheduler(SchedulerConfig(**cfg), BlockPool(num_blocks, block_size))
 
 
-def make_seq(rid: str, prompt_len: int, max_tokens: int = 4, priority: int = 0, **params) -> Sequence:
+def make_seq(
+    rid: str, prompt_len: int, max_tokens: int = 4, priority: int = 0, **params
+) -> Sequence:
     params.setdefault("ignore_eos", True)
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, **params)
     return Sequence(rid, list(range(1, prompt_len + 1)), sp, priority=priority)
@@ -27,7 +29,9 @@ def fake_step(s: Scheduler, out: SchedulerOutput) -> list[Sequence]:
     sampled = {}
     for item in out.scheduled:
         if item.sample:
-            last = item.seq.token_slice(item.num_tokens + item.start - 1, item.start + item.num_tokens)
+            last = item.seq.token_slice(
+                item.num_tokens + item.start - 1, item.start + item.num_tokens
+            )
             sampled[item.seq.request_id] = last[0] + 1
     return s.update(out, sampled, eos_token_ids=frozenset({EOS}))
 
@@ -133,8 +137,9 @@ def test_stop_on_eos_respects_min_tokens_and_stop_ids():
     s = make_scheduler()
     # prompt ends at 996, so outputs are 997, 998, 999(eos), 1000...
     eos_seq = Sequence("e", list(range(990, 997)), SamplingParams(max_tokens=10, temperature=0))
-    min_seq = Sequence("m", list(range(990, 997)),
-                       SamplingParams(max_tokens=10, temperature=0, min_tokens=4))
+    min_seq = Sequence(
+        "m", list(range(990, 997)), SamplingParams(max_tokens=10, temperature=0, min_tokens=4)
+    )
     stop_seq = Sequence("s", [5], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(7,)))
     for q in (eos_seq, min_seq, stop_seq):
         s.add(q)
@@ -142,7 +147,9 @@ def test_stop_on_eos_respects_min_tokens_and_stop_ids():
     assert eos_seq.output_token_ids == [997, 998, 999]
     assert eos_seq.status is SequenceStatus.FINISHED_STOPPED
     assert min_seq.output_token_ids == [997, 998, 999, 1000, 1001, 1002, 1003, 1004, 1005, 1006]
-    assert stop_seq.output_token_ids == [6, 7] and stop_seq.status is SequenceStatus.FINISHED_STOPPED
+    assert (
+        stop_seq.output_token_ids == [6, 7] and stop_seq.status is SequenceStatus.FINISHED_STOPPED
+    )
     assert_no_leak(s)
 
 
@@ -177,8 +184,14 @@ def test_many_random_requests_never_leak():
     assert_no_leak(s)
 
 
-@pytest.mark.parametrize("kwargs", [{"max_num_seqs": 0}, {"max_num_batched_tokens": 0},
-                                    {"enable_chunked_prefill": False, "max_num_batched_tokens": 8}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_num_seqs": 0},
+        {"max_num_batched_tokens": 0},
+        {"enable_chunked_prefill": False, "max_num_batched_tokens": 8},
+    ],
+)
 def test_bad_config_is_a_clear_error(kwargs):
     with pytest.raises(ValueError):
         SchedulerConfig(max_model_len=256, **kwargs)

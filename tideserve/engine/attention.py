@@ -4,6 +4,10 @@ A step's tokens are laid out as [decode tokens (one per sequence) | prefill chun
 attend as one padded batch over KV gathered from their block tables; each prefill chunk
 attends on its own with a causal mask offset by the tokens already in its cache. A sequence
 therefore runs the same kernels whatever else is in the batch (batch invariance).
+
+One layer's cache is [2 (k, v), kvh, S (slots), hd] with S = num_blocks * block_size. Reads
+gather whole blocks (block_size * hd contiguous values each), which yields [2, kvh, B*L, hd]
+that `bmm` reads as kvh*B contiguous matrices without another copy.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 class PrefillChunk:
     q_start: int  # offset of the chunk's first token in the flattened batch
     q_len: int  # tokens in the chunk
-    ctx_slots: torch.Tensor  # [ctx_len] cache slots of every token up to the chunk's end
+    ctx_blocks: torch.Tensor  # [nb] the sequence's blocks up to the chunk's end
+    ctx_len: int  # tokens of context, the chunk included
     mask: torch.Tensor | None  # [q_len, ctx_len] bool, True = attend; None = plain causal
 
 
@@ -28,54 +33,61 @@ class AttentionBatch:
 
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
     num_decodes: int  # the first num_decodes tokens are decodes, one per sequence
-    decode_slots: torch.Tensor | None  # [B, L] slots of each decode's context (padded)
-    decode_bias: torch.Tensor | None  # [B, 1, 1, L] 0 where valid, -inf on padding
+    block_size: int
+    decode_blocks: torch.Tensor | None  # [B*nb] block tables of the decodes, padded to nb blocks
+    decode_bias: torch.Tensor | None  # [1, B, 1, nb*block_size] 0 where valid, -inf on padding
     prefills: list[PrefillChunk]
+    cos: torch.Tensor | None = None  # [T, 1, hd] rotary tables for this step's positions
+    sin: torch.Tensor | None = None
 
 
-def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k, v, slots: torch.Tensor) -> None:
-    """cache_*: [S, kvh, hd] flat slots of one layer; k, v: [T, kvh, hd]."""
-    cache_k.index_copy_(0, slots, k)
-    cache_v.index_copy_(0, slots, v)
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[2, kvh, len(blocks) * block_size, hd] copy of the given blocks of one layer."""
+    two, kvh, slots, hd = cache.shape
+    paged = cache.view(two, kvh, slots // block_size, block_size * hd)
+    return paged.index_select(2, blocks).view(two, kvh, -1, hd)
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """cache: [2, kvh, S, hd] one layer; k, v: [T, kvh, hd]; slots: [T]."""
+    cache.index_copy_(2, slots, torch.stack((k, v)).transpose(1, 2))
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, H, hd]
-    cache_k: torch.Tensor,  # [S, kvh, hd]
-    cache_v: torch.Tensor,  # [S, kvh, hd]
+    cache: torch.Tensor,  # [2, kvh, S, hd]
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [T, H, hd]
-    out = torch.empty_like(q)
     b = batch.num_decodes
+    if not batch.prefills:
+        return _decode_attention(q, cache, batch, scale)
+    out = torch.empty_like(q)
     if b:
-        out[:b] = _decode_attention(q[:b], cache_k, cache_v, batch, scale)
+        out[:b] = _decode_attention(q[:b], cache, batch, scale)
     for chunk in batch.prefills:
         sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-        out[sl] = _prefill_attention(q[sl], cache_k, cache_v, chunk, scale)
+        out[sl] = _prefill_attention(q[sl], cache, chunk, batch, scale)
     return out
 
 
-def _decode_attention(q, cache_k, cache_v, batch: AttentionBatch, scale: float) -> torch.Tensor:
+def _decode_attention(q, cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
     bsz, num_heads, hd = q.shape
-    kvh = cache_k.shape[1]
-    slots = batch.decode_slots  # [B, L]
-    L = slots.shape[1]
-    k = cache_k.index_select(0, slots.reshape(-1)).view(bsz, L, kvh, hd).transpose(1, 2)
-    v = cache_v.index_select(0, slots.reshape(-1)).view(bsz, L, kvh, hd).transpose(1, 2)
-    qg = q.view(bsz, kvh, num_heads // kvh, hd)  # [B, kvh, g, hd]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, kvh, g, L]
-    scores = scores + batch.decode_bias
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(bsz, num_heads, hd)  # [B, H, hd]
+    kvh, L = cache.shape[1], batch.decode_bias.shape[-1]
+    g = num_heads // kvh
+    kv = gather_blocks(cache, batch.decode_blocks, batch.block_size).view(2, kvh * bsz, L, hd)
+    qg = (q * scale).view(bsz, kvh, g, hd).transpose(0, 1).reshape(kvh * bsz, g, hd)
+    scores = torch.bmm(qg, kv[0].transpose(1, 2)).view(kvh, bsz, g, L)  # [kvh, B, g, L]
+    probs = torch.softmax(scores.float() + batch.decode_bias, dim=-1).to(q.dtype)
+    o = torch.bmm(probs.view(kvh * bsz, g, L), kv[1])  # [kvh*B, g, hd]
+    return o.view(kvh, bsz, g, hd).transpose(0, 1).reshape(bsz, num_heads, hd)
 
 
-def _prefill_attention(q, cache_k, cache_v, chunk: PrefillChunk, scale: float) -> torch.Tensor:
-    k = cache_k.index_select(0, chunk.ctx_slots).transpose(0, 1)  # [kvh, ctx, hd]
-    v = cache_v.index_select(0, chunk.ctx_slots).transpose(0, 1)
+def _prefill_attention(q, cache, chunk: PrefillChunk, batch: AttentionBatch, scale: float):
+    kv = gather_blocks(cache, chunk.ctx_blocks, batch.block_size)[:, :, : chunk.ctx_len]
     qh = q.transpose(0, 1)  # [H, q_len, hd]
-    if chunk.mask is None:
-        o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=chunk.mask, scale=scale, enable_gqa=True)
+    causal = chunk.mask is None
+    o = F.scaled_dot_product_attention(
+        qh, kv[0], kv[1], attn_mask=chunk.mask, is_causal=causal, scale=scale, enable_gqa=True
+    )
     return o.transpose(0, 1)  # [q_len, H, hd]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tideserve.config import GiB, EngineConfig
+from tideserve.config import EngineConfig, GiB
 from tideserve.engine.block_pool import BlockPool
 from tideserve.engine.kv_cache import KVCache, cuda_kv_budget, num_blocks_for_budget
 from tideserve.engine.loader import load_model, resolve_dtype
@@ -69,8 +69,15 @@ def resolve_model_path(model: str | None) -> Path:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, path: Path,
-                 scheduler: Scheduler, runner: ModelRunner, eos_token_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        path: Path,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        eos_token_ids: frozenset[int],
+    ) -> None:
         self.config = config
         self.model_config = model_config
         self.model_path = path
@@ -85,19 +92,31 @@ class LLMEngine:
         threads = config.num_threads or int(os.environ.get("TIDESERVE_NUM_THREADS", "0")) or None
         if threads:
             torch.set_num_threads(threads)
-        path = resolve_model_path(config.model) if config.load_format != "dummy" or config.model else None
+        path = (
+            resolve_model_path(config.model)
+            if config.load_format != "dummy" or config.model
+            else None
+        )
         if path is None:
-            raise ValueError("--load-format dummy needs --model pointing at a folder with config.json")
+            raise ValueError(
+                "--load-format dummy needs --model pointing at a folder with config.json"
+            )
         mcfg = ModelConfig.from_dir(path)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, mcfg, device)
         max_len = config.max_model_len or mcfg.max_context
         if max_len > mcfg.max_position_embeddings:
-            raise ValueError(f"max_model_len {max_len} exceeds the model's {mcfg.max_position_embeddings}")
+            raise ValueError(
+                f"max_model_len {max_len} exceeds the model's {mcfg.max_position_embeddings}"
+            )
         model = load_model(path, mcfg, dtype, device, max_len, config.load_format)
         budget = config.kv_cache_bytes
         if budget is None:
-            budget = cuda_kv_budget(config.gpu_memory_utilization, device) if device.type == "cuda" else GiB
+            budget = (
+                cuda_kv_budget(config.gpu_memory_utilization, device)
+                if device.type == "cuda"
+                else GiB
+            )
         num_blocks = num_blocks_for_budget(mcfg, config.block_size, dtype, budget)
         max_len = min(max_len, num_blocks * config.block_size)
         kv = KVCache(mcfg, num_blocks, config.block_size, dtype, device)
@@ -108,15 +127,28 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
         scheduler = Scheduler(sched_cfg, BlockPool(num_blocks, config.block_size))
-        log.info("engine: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
-                 path.name, device, dtype, num_blocks, config.block_size, max_len)
+        log.info(
+            "engine: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
+            path.name,
+            device,
+            dtype,
+            num_blocks,
+            config.block_size,
+            max_len,
+        )
         eos = frozenset(mcfg.eos_token_ids) | _generation_eos(path)
         return cls(config, mcfg, path, scheduler, ModelRunner(model, kv, device), eos)
 
     # -- requests ----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, hold_kv: bool = False) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        hold_kv: bool = False,
+    ) -> None:
         seq = self._new_sequence(request_id, prompt_token_ids, params, priority, hold_kv)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -158,21 +190,25 @@ class LLMEngine:
             return []
         rows, result = self.runner.run(plan)
         sampled = {it.seq.request_id: t for it, t in zip(rows, result.token_ids)}
-        logprobs = {it.seq.request_id: lp for it, lp in zip(rows, result.logprobs) if lp is not None}
+        logprobs = {
+            it.seq.request_id: lp for it, lp in zip(rows, result.logprobs) if lp is not None
+        }
         self.scheduler.update(plan, sampled, logprobs, self.eos_token_ids)
         outputs = []
         for it in rows:
             seq = it.seq
-            outputs.append(RequestOutput(
-                request_id=seq.request_id,
-                new_token_ids=[sampled[seq.request_id]],
-                token_ids=seq.output_token_ids,
-                finished=seq.is_finished,
-                finish_reason=seq.status.value if seq.is_finished else None,
-                new_logprobs=[logprobs[seq.request_id]] if seq.request_id in logprobs else [],
-                logprobs=seq.output_logprobs,
-                num_prompt_tokens=seq.num_prompt_tokens,
-            ))
+            outputs.append(
+                RequestOutput(
+                    request_id=seq.request_id,
+                    new_token_ids=[sampled[seq.request_id]],
+                    token_ids=seq.output_token_ids,
+                    finished=seq.is_finished,
+                    finish_reason=seq.status.value if seq.is_finished else None,
+                    new_logprobs=[logprobs[seq.request_id]] if seq.request_id in logprobs else [],
+                    logprobs=seq.output_logprobs,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                )
+            )
             if seq.is_finished and not seq.hold_kv:
                 self.seqs.pop(seq.request_id, None)
                 self.runner.sampler.forget(seq.request_id)
@@ -185,18 +221,27 @@ class LLMEngine:
         return self._seq(request_id).num_computed_tokens
 
     def export_kv_layer(self, request_id: str, layer: int) -> torch.Tensor:
-        """[2, num_tokens, kvh, hd] copy of one layer of the request's computed KV."""
+        """[2, kvh, num_tokens, hd] copy of one layer of the request's computed KV."""
         seq = self._seq(request_id)
         slots = self.runner.kv.slots(seq.block_table, seq.num_computed_tokens)
         return self.runner.kv.export_layer(layer, slots)
 
-    def begin_import(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-                     num_kv_tokens: int, params: SamplingParams, priority: int = 0) -> bool:
+    def begin_import(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        output_token_ids: list[int],
+        num_kv_tokens: int,
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> bool:
         """Reserves blocks for `num_kv_tokens` of incoming KV; False when the pool has no room."""
         seq = self._new_sequence(request_id, prompt_token_ids, params, priority, False)
         seq.output_token_ids = list(output_token_ids)
         if not 0 < num_kv_tokens < seq.num_tokens:
-            raise ValueError(f"num_kv_tokens {num_kv_tokens} out of range for {seq.num_tokens} tokens")
+            raise ValueError(
+                f"num_kv_tokens {num_kv_tokens} out of range for {seq.num_tokens} tokens"
+            )
         if not self.scheduler.pool.grow_table(seq.block_table, num_kv_tokens):
             return False
         seq.num_computed_tokens = num_kv_tokens

@@ -1,6 +1,6 @@
 """The paged KV-cache tensor, sized from a memory budget, and per-layer export/import.
 
-Layout: [num_layers, 2 (k, v), num_blocks * block_size (slots), num_kv_heads, head_dim].
+Layout: [num_layers, 2 (k, v), num_kv_heads, num_blocks * block_size (slots), head_dim].
 A token at position p of a sequence lives in slot block_table[p // block_size] * block_size +
 p % block_size. Export and import move one layer of one sequence at a time, so a transport
 can stream layer by layer while the model is still computing the next one.
@@ -18,7 +18,9 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
-def num_blocks_for_budget(cfg: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
+def num_blocks_for_budget(
+    cfg: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int
+) -> int:
     n = budget_bytes // bytes_per_block(cfg, block_size, dtype)
     if n < 1:
         raise ValueError(
@@ -39,7 +41,7 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, 2, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
         self.tensor = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
@@ -54,11 +56,13 @@ class KVCache:
         return slots.to(self.tensor.device)
 
     def export_layer(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """[2, num_tokens, kvh, hd] copy of one layer's K and V for the given slots."""
-        return self.tensor[layer].index_select(1, slots)
+        """[2, kvh, num_tokens, hd] copy of one layer's K and V for the given slots."""
+        return self.tensor[layer].index_select(2, slots)
 
     def import_layer(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
-        expected = (2, slots.shape[0], *self.tensor.shape[3:])
+        expected = (2, self.tensor.shape[2], slots.shape[0], self.tensor.shape[4])
         if tuple(kv.shape) != expected:
             raise ValueError(f"KV layer shape {tuple(kv.shape)} != expected {expected}")
-        self.tensor[layer].index_copy_(1, slots, kv.to(device=self.tensor.device, dtype=self.tensor.dtype))
+        self.tensor[layer].index_copy_(
+            2, slots, kv.to(device=self.tensor.device, dtype=self.tensor.dtype)
+        )

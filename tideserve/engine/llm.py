@@ -85,7 +85,9 @@ class LLM:
 
     def _output(self, prompt_ids: list[int], out) -> CompletionOutput:
         text = self.tokenizer.decode(out.token_ids) if self.tokenizer is not None else ""
-        return CompletionOutput(prompt_ids, list(out.token_ids), text, out.finish_reason, list(out.logprobs))
+        return CompletionOutput(
+            prompt_ids, list(out.token_ids), text, out.finish_reason, list(out.logprobs)
+        )
 
 
 def _load_tokenizer(engine: LLMEngine):

@@ -68,7 +68,9 @@ def load_model(
         expected.discard("lm_head.weight")
     missing = sorted(expected - state.keys())
     if missing:
-        raise ValueError(f"checkpoint at {str(path)!r} lacks {len(missing)} weights, e.g. {missing[:3]}")
+        raise ValueError(
+            f"checkpoint at {str(path)!r} lacks {len(missing)} weights, e.g. {missing[:3]}"
+        )
     unexpected = sorted(state.keys() - expected)
     if unexpected:
         log.warning("ignoring %d unexpected weights, e.g. %s", len(unexpected), unexpected[:3])
@@ -92,7 +94,9 @@ def _read_state(path: Path, dtype: torch.dtype, device: torch.device) -> dict[st
     return state
 
 
-def _dummy_state(model: LlamaModel, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def _dummy_state(
+    model: LlamaModel, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Deterministic random weights (seed 0) for any shape: for benchmarks, never for quality."""
     gen = torch.Generator(device=device).manual_seed(0)
     state = {}

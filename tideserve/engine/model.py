@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tideserve.engine.attention import AttentionBatch, paged_attention, write_kv
+from tideserve.engine.linear import pack_linears
 from tideserve.engine.model_config import ModelConfig
 
 
@@ -49,15 +50,17 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, q, k, positions):  # q: [T, H, hd], k: [T, kvh, hd], positions: [T]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, hd]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin: [T, 1, hd] for this step's positions, computed once for all layers."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(
+            dtype
+        )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, hd], rotated by the HF (half-split) convention."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -67,15 +70,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # NOTE: normalize in float32, scale in the model dtype: HF's order of operations.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, q_size, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
@@ -89,15 +95,12 @@ class Attention(nn.Module):
         self.qkv = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, positions, rotary: Rotary, cache_k, cache_v, batch: AttentionBatch):
-        t = x.shape[0]
-        q, k, v = self.qkv(x).split(self.sizes, dim=-1)  # [T, q_size], [T, kv_size] x2
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(q, k, positions)
-        write_kv(cache_k, cache_v, k, v, batch.slot_mapping)
-        o = paged_attention(q, cache_k, cache_v, batch, self.scale)  # [T, H, hd]
+    def forward(self, x, cache: torch.Tensor, batch: AttentionBatch):
+        t, h = x.shape[0], self.num_heads
+        qkv = self.qkv(x).view(t, -1, self.head_dim)  # [T, H + 2*kvh, hd]
+        qk = apply_rotary(qkv[:, : h + self.num_kv_heads], batch.cos, batch.sin)  # [T, H+kvh, hd]
+        write_kv(cache, qk[:, h:], qkv[:, h + self.num_kv_heads :], batch.slot_mapping)
+        o = paged_attention(qk[:, :h], cache, batch, self.scale)  # [T, H, hd]
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -126,8 +129,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, cache_k, cache_v, batch):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, cache_k, cache_v, batch)
+    def forward(self, x, cache, batch):
+        x = x + self.self_attn(self.input_layernorm(x), cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -149,22 +152,25 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse(self) -> None:
+        """Fuses q/k/v and gate/up into one matmul each, then packs matmul weights for the CPU."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        pack_linears(self)
 
     @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_cache: torch.Tensor,  # [num_layers, 2, S, kvh, hd]
+        kv_cache: torch.Tensor,  # [num_layers, 2, kvh, S, hd]
         batch: AttentionBatch,
         logits_indices: torch.Tensor,  # [N] rows of the batch that sample
     ) -> torch.Tensor:  # [N, vocab] float32
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        batch.cos, batch.sin = self.rotary.tables(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, self.rotary, kv_cache[i, 0], kv_cache[i, 1], batch)
+            x = layer(x, kv_cache[i], batch)
         x = self.model.norm(x[logits_indices])  # [N, hidden]
         return self.lm_head(x).float()
 

@@ -49,7 +49,9 @@ class ModelConfig:
         hidden = int(d["hidden_size"])
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        window = d.get("sliding_window") if d.get("use_sliding_window", family == "mistral") else None
+        window = (
+            d.get("sliding_window") if d.get("use_sliding_window", family == "mistral") else None
+        )
         return cls(
             architecture=arch,
             vocab_size=int(d["vocab_size"]),

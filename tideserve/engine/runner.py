@@ -13,7 +13,7 @@ import torch
 from tideserve.engine.attention import AttentionBatch, PrefillChunk
 from tideserve.engine.kv_cache import KVCache
 from tideserve.engine.model import LlamaModel
-from tideserve.engine.sampler import SampleResult, Sampler
+from tideserve.engine.sampler import Sampler, SampleResult
 from tideserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 
 
@@ -62,34 +62,41 @@ class ModelRunner:
         blocks = np.asarray(block_table[: -(-end // bs)], dtype=np.int64)
         return (blocks[:, None] * bs + self._arange).reshape(-1)[start:end]
 
-    def _attention_batch(self, step: SchedulerOutput, slot_mapping: list[np.ndarray]) -> AttentionBatch:
+    def _attention_batch(
+        self, step: SchedulerOutput, slot_mapping: list[np.ndarray]
+    ) -> AttentionBatch:
         dev = self.device
-        decode_slots = decode_bias = None
+        bs = self.kv.block_size
+        decode_blocks = decode_bias = None
         if step.decodes:
             lens = [d.start + 1 for d in step.decodes]
-            width = max(lens)
-            slots = np.zeros((len(lens), width), dtype=np.int64)
-            bias = np.full((len(lens), 1, 1, width), -np.inf, dtype=np.float32)
+            nb = -(-max(lens) // bs)
+            blocks = np.zeros((len(lens), nb), dtype=np.int64)
+            bias = np.full((1, len(lens), 1, nb * bs), -np.inf, dtype=np.float32)
             for b, (d, n) in enumerate(zip(step.decodes, lens)):
-                slots[b, :n] = self._slots(d.seq.block_table, 0, n)
-                bias[b, ..., :n] = 0.0
-            decode_slots = torch.from_numpy(slots).to(dev)
+                table = d.seq.block_table[: -(-n // bs)]
+                blocks[b, : len(table)] = table
+                bias[0, b, :, :n] = 0.0
+            decode_blocks = torch.from_numpy(blocks.reshape(-1)).to(dev)
             decode_bias = torch.from_numpy(bias).to(dev)
         prefills = []
         q_start = len(step.decodes)
         for p in step.prefills:
             end = p.start + p.num_tokens
-            ctx_slots = torch.from_numpy(self._slots(p.seq.block_table, 0, end)).to(dev)
+            ctx_blocks = torch.tensor(
+                p.seq.block_table[: -(-end // bs)], dtype=torch.long, device=dev
+            )
             mask = None
             if p.start:
                 rows = np.arange(p.start, end)[:, None]
                 mask = torch.from_numpy(np.arange(end)[None, :] <= rows).to(dev)
-            prefills.append(PrefillChunk(q_start, p.num_tokens, ctx_slots, mask))
+            prefills.append(PrefillChunk(q_start, p.num_tokens, ctx_blocks, end, mask))
             q_start += p.num_tokens
         return AttentionBatch(
             slot_mapping=torch.from_numpy(np.concatenate(slot_mapping)).to(dev),
             num_decodes=len(step.decodes),
-            decode_slots=decode_slots,
+            block_size=bs,
+            decode_blocks=decode_blocks,
             decode_bias=decode_bias,
             prefills=prefills,
         )
