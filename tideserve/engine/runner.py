@@ -27,35 +27,36 @@ class ModelRunner:
 
     def run(self, step: SchedulerOutput) -> tuple[list[ScheduledSeq], SampleResult]:
         """Runs one step; returns the sampling rows (scheduled items that sample) and tokens."""
-        items = step.decodes + step.prefills
-        input_ids, positions, slot_mapping = [], [], []
-        sample_rows, logits_idx = [], []
+        rows = [it for it in step.decodes + step.prefills if it.sample]
+        logits = self.forward_logits(step)
+        if not rows:
+            return [], SampleResult([], [])
+        params = [it.seq.params for it in rows]
+        ids = [it.seq.request_id for it in rows]
+        return rows, self.sampler(logits, params, ids)
+
+    def forward_logits(self, step: SchedulerOutput) -> torch.Tensor:
+        """[N, V] float32 logits of the scheduled items that sample, in batch order."""
+        input_ids, positions, slot_mapping, logits_idx = [], [], [], []
         offset = 0
-        for item in items:
+        for item in step.decodes + step.prefills:
             seq = item.seq
             end = item.start + item.num_tokens
             input_ids.append(np.asarray(seq.token_slice(item.start, end), dtype=np.int64))
-            pos = np.arange(item.start, end, dtype=np.int64)
-            positions.append(pos)
+            positions.append(np.arange(item.start, end, dtype=np.int64))
             slot_mapping.append(self._slots(seq.block_table, item.start, end))
             offset += item.num_tokens
             if item.sample:
-                sample_rows.append(item)
                 logits_idx.append(offset - 1)
         batch = self._attention_batch(step, slot_mapping)
         to_dev = lambda arrs: torch.from_numpy(np.concatenate(arrs)).to(self.device)
-        logits = self.model(
+        return self.model(
             to_dev(input_ids),
             to_dev(positions),
             self.kv.tensor,
             batch,
             torch.tensor(logits_idx, dtype=torch.long, device=self.device),
         )
-        if not sample_rows:
-            return [], SampleResult([], [])
-        params = [it.seq.params for it in sample_rows]
-        ids = [it.seq.request_id for it in sample_rows]
-        return sample_rows, self.sampler(logits, params, ids)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> np.ndarray:
         bs = self.kv.block_size
