@@ -1,1 +1,118 @@
-"""tideserve kv_transfer service (see DESIGN.md)."""
+"""KV-cache transfer between workers: one interface (`KVSender` / `KVReceiver`, see base.py),
+three transports, picked per pair of workers by `choose_transport`:
+
+    tcp   ZMQ PUSH -> PULL with zero-copy tensor frames; works across hosts     (tcp.py)
+    shm   a POSIX shared-memory segment per transfer + notices over ZMQ; same host (shm.py)
+    fake  in-process, for tests                                                  (fake.py)
+
+    sender = make_sender("shm", ctx)              # prefill worker; acks at sender.reply_address
+    receiver = make_receiver("tcp", ctx, port=0)  # decode worker; KV at receiver.address
+
+A zmq receiver takes tcp frames and shm notices on the same address, whichever it was made for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import zmq
+
+from kv_transfer.base import (
+    KVAbortEvent,
+    KVBackpressure,
+    KVBeginEvent,
+    KVDoneEvent,
+    KVEvent,
+    KVLayerEvent,
+    KVReceiver,
+    KVSender,
+    KVTransferError,
+)
+from kv_transfer.fake import InProcLink
+from kv_transfer.receiver import Receiver
+from kv_transfer.sender import Sender
+from kv_transfer.shm import SHM_PREFIX, ShmSegments
+from kv_transfer.tcp import InlinePayload, ZmqLink
+
+TRANSPORTS = ("tcp", "shm", "fake")
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+__all__ = [
+    "KVAbortEvent",
+    "KVBackpressure",
+    "KVBeginEvent",
+    "KVDoneEvent",
+    "KVEvent",
+    "KVLayerEvent",
+    "KVReceiver",
+    "KVSender",
+    "KVTransferError",
+    "SHM_PREFIX",
+    "TRANSPORTS",
+    "choose_transport",
+    "make_receiver",
+    "make_sender",
+]
+
+
+def make_sender(
+    transport: str,
+    ctx: zmq.Context | None = None,
+    *,
+    bind_host: str = "127.0.0.1",
+    port: int = 0,
+    advertise_host: str | None = None,
+    timeout_s: float = 30.0,
+    max_inflight_bytes: int = 1 << 30,
+    shm_prefix: str = SHM_PREFIX,
+    shm_pool_bytes: int = 256 << 20,
+) -> KVSender:
+    """A sender whose ack socket binds at bind_host:port (0 = any free port). shm keeps acked
+    segments up to `shm_pool_bytes` for reuse (0: unlink each one at its ack)."""
+    _check_transport(transport)
+    link = _make_link(transport, ctx, bind_host, port, advertise_host, send_hwm=0)
+    if transport == "shm":
+        payload = ShmSegments(shm_prefix, shm_pool_bytes)
+    else:
+        payload = InlinePayload()
+    return Sender(link, payload, max_inflight_bytes=max_inflight_bytes, timeout_s=timeout_s)
+
+
+def make_receiver(
+    transport: str,
+    ctx: zmq.Context | None = None,
+    *,
+    bind_host: str = "127.0.0.1",
+    port: int = 0,
+    advertise_host: str | None = None,
+    timeout_s: float = 30.0,
+) -> KVReceiver:
+    """A receiver bound at bind_host:port (0 = any free port); see `.address`."""
+    _check_transport(transport)
+    link = _make_link(transport, ctx, bind_host, port, advertise_host, send_hwm=10_000)
+    return Receiver(link, timeout_s=timeout_s)
+
+
+def choose_transport(src_host: str, dst_host: str, dst_transports: Sequence[str]) -> str:
+    """ "shm" when both workers share a host and the receiver offers it, else "tcp"."""
+    same_host = src_host == dst_host or {src_host, dst_host} <= _LOOPBACK
+    if same_host and "shm" in dst_transports:
+        return "shm"
+    if "tcp" in dst_transports:
+        return "tcp"
+    raise ValueError(
+        f"no common KV transport from {src_host} to {dst_host}: the receiver offers "
+        f"{list(dst_transports)}, and shm needs both on one host"
+    )
+
+
+def _check_transport(transport: str) -> None:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown KV transport {transport!r}; choose one of {TRANSPORTS}")
+
+
+def _make_link(transport, ctx, bind_host, port, advertise_host, send_hwm: int):
+    if transport == "fake":
+        return InProcLink()
+    ctx = ctx or zmq.Context.instance()
+    return ZmqLink(ctx, bind_host, port, advertise_host, send_hwm=send_hwm)

@@ -32,6 +32,80 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def model_path(model: str | None) -> str:
+    if model is None:
+        from tideserve.engine.default_model import prepare_default_model
+
+        return str(prepare_default_model(progress=True))
+    return model
+
+
+def worker_config(args: argparse.Namespace, role: str):
+    from tideserve.worker import WorkerConfig
+
+    engine = engine_config(args)
+    return WorkerConfig(
+        role=role,
+        router_address=args.router_address,
+        worker_id=args.worker_id,
+        host=args.host,
+        kv_port=args.kv_port,
+        served_model_name=args.served_model_name,
+        engine=EngineConfig(**{**engine.__dict__, "model": model_path(engine.model)}),
+    )
+
+
+def cmd_prefill(args: argparse.Namespace) -> int:
+    from prefill_worker.worker import run
+
+    run(worker_config(args, "prefill"))
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from decode_worker.worker import run
+
+    run(worker_config(args, args.role))
+    return 0
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from router.app import run
+    from router.config import RouterConfig
+
+    run(
+        RouterConfig(
+            model_path=model_path(args.model),
+            served_model_name=args.served_model_name,
+            host=args.host,
+            port=args.port,
+            worker_address=args.worker_address,
+        )
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tideserve.launcher import ServeConfig, serve
+
+    cfg = ServeConfig(
+        model=model_path(args.model),
+        mode=args.mode,
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        served_model_name=args.served_model_name,
+        log_level=args.log_level,
+    )
+    return serve(cfg)
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     from tideserve.engine.default_model import prepare_default_model
 
@@ -65,6 +139,38 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="manage the embedded default model")
     model.add_argument("action", choices=["prepare", "path"])
     model.set_defaults(func=cmd_model)
+    srv = sub.add_parser("serve", help="start the router and workers on this machine")
+    srv.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"])
+    srv.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
+    srv.add_argument("--decode", type=int, default=1, help="decode (or colocated) workers")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default="")
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    rt = sub.add_parser("router", help="the HTTP API alone (workers connect to it)")
+    rt.add_argument("--model", default=None, help="HF model folder (tokenizer, chat template)")
+    rt.add_argument("--served-model-name", default="")
+    rt.add_argument("--host", default="127.0.0.1")
+    rt.add_argument("--port", type=int, default=8000)
+    rt.add_argument("--worker-address", default="tcp://127.0.0.1:7100")
+    rt.set_defaults(func=cmd_router)
+
+    for name, helptext in (("prefill", "one prefill worker"), ("decode", "one decode worker")):
+        w = sub.add_parser(name, help=helptext)
+        if name == "decode":
+            w.add_argument("--role", default="decode", choices=["decode", "colocated"])
+        w.add_argument("--router-address", default="tcp://127.0.0.1:7100")
+        w.add_argument("--worker-id", default="")
+        w.add_argument(
+            "--host", default="127.0.0.1", help="address other workers reach this one at"
+        )
+        w.add_argument("--kv-port", type=int, default=0)
+        w.add_argument("--served-model-name", default="")
+        add_engine_args(w)
+        w.set_defaults(func=cmd_prefill if name == "prefill" else cmd_decode)
+
     gen = sub.add_parser("generate", help="offline generation for one prompt")
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")

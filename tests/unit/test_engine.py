@@ -227,3 +227,30 @@ def test_matches_hf_transformers_on_tiny_models(tmp_path):
         e = make_engine(path, max_num_batched_tokens=32)
         e.add_request(name, ids[0].tolist(), SamplingParams(max_tokens=16, **GREEDY))
         assert run(e)[name] == ref[0, 70:].tolist(), name
+
+
+def test_layer_streaming_hook_hands_off_a_prefill(tiny_model_dir):
+    prompt = random_prompts(1, seed=11, lo=45, hi=45)[0]
+    ref = make_engine(tiny_model_dir)
+    ref.add_request("ref", prompt, SamplingParams(max_tokens=12, **GREEDY))
+    expected = run(ref)["ref"]
+
+    src = make_engine(tiny_model_dir, max_num_batched_tokens=16)  # 3 chunks; streams on the last
+    src.add_request("p", prompt, SamplingParams(max_tokens=1, **GREEDY), hold_kv=True)
+    src.add_request("other", [9, 8, 7], SamplingParams(max_tokens=3, **GREEDY))
+    streamed, first = {}, None
+    while src.has_unfinished():
+        for out in src.step(on_kv_layer=lambda rid, i, kv: streamed.setdefault((rid, i), kv)):
+            if out.request_id == "p":
+                first = out.token_ids
+    assert sorted(streamed) == [("p", i) for i in range(src.model_config.num_layers)]
+    src.release("p")
+    assert_no_leak(src)
+
+    dst = make_engine(tiny_model_dir)
+    assert dst.begin_import("p", prompt, [], len(prompt), SamplingParams(max_tokens=12, **GREEDY))
+    for (_, layer), kv in streamed.items():
+        dst.import_kv_layer("p", layer, kv)
+    dst.finish_import("p", first)
+    assert run(dst)["p"] == expected
+    assert_no_leak(dst)

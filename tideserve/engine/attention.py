@@ -1,7 +1,8 @@
 """Paged attention in plain torch, for one layer of a flattened mixed batch.
 
-A step's tokens are laid out as [decode tokens (one per sequence) | prefill chunks]. Decodes
-attend as one padded batch over KV gathered from their block tables; each prefill chunk
+A step's tokens are laid out as [decode tokens (one per sequence) | prefill chunks]. Decodes,
+sorted by context length, attend in a few padded groups of similar lengths (so a short
+sequence does not pay for the longest one's padding); each prefill chunk
 attends on its own with a causal mask offset by the tokens already in its cache. A sequence
 therefore runs the same kernels whatever else is in the batch (batch invariance).
 
@@ -28,15 +29,25 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    start: int  # first decode token of the group in the batch
+    size: int  # B: decodes in the group
+    blocks: torch.Tensor  # [B*nb] their block tables, padded to nb blocks
+    bias: torch.Tensor  # [1, B, 1, nb*block_size] 0 where valid, -inf on padding
+
+
+@dataclass
 class AttentionBatch:
     """Per-step metadata shared by every layer."""
 
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
     num_decodes: int  # the first num_decodes tokens are decodes, one per sequence
     block_size: int
-    decode_blocks: torch.Tensor | None  # [B*nb] block tables of the decodes, padded to nb blocks
-    decode_bias: torch.Tensor | None  # [1, B, 1, nb*block_size] 0 where valid, -inf on padding
+    decode_groups: list[DecodeGroup]  # the torch path
     prefills: list[PrefillChunk]
+    decode_kernel: object | None = None  # the compiled CPU kernel module, when used instead
+    decode_tables: torch.Tensor | None = None  # [B, nb] block tables (kernel path)
+    decode_lens: torch.Tensor | None = None  # [B] context lengths (kernel path)
     cos: torch.Tensor | None = None  # [T, 1, hd] rotary tables for this step's positions
     sin: torch.Tensor | None = None
 
@@ -59,26 +70,40 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [T, H, hd]
-    b = batch.num_decodes
-    if not batch.prefills:
-        return _decode_attention(q, cache, batch, scale)
-    out = torch.empty_like(q)
-    if b:
-        out[:b] = _decode_attention(q[:b], cache, batch, scale)
+    if batch.decode_kernel is not None and batch.num_decodes:
+        dec = batch.decode_kernel.paged_decode_attention(
+            q[: batch.num_decodes].contiguous(),
+            cache,
+            batch.decode_tables,
+            batch.decode_lens,
+            batch.block_size,
+            scale,
+        )
+        if not batch.prefills:
+            return dec
+        out = torch.empty_like(q)
+        out[: batch.num_decodes] = dec
+    elif len(batch.decode_groups) == 1 and not batch.prefills:
+        return _decode_attention(q, cache, batch.decode_groups[0], batch.block_size, scale)
+    else:
+        out = torch.empty_like(q)
+    for g in batch.decode_groups:
+        sl = slice(g.start, g.start + g.size)
+        out[sl] = _decode_attention(q[sl], cache, g, batch.block_size, scale)
     for chunk in batch.prefills:
         sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         out[sl] = _prefill_attention(q[sl], cache, chunk, batch, scale)
     return out
 
 
-def _decode_attention(q, cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
+def _decode_attention(q, cache, group: DecodeGroup, block_size: int, scale: float):
     bsz, num_heads, hd = q.shape
-    kvh, L = cache.shape[1], batch.decode_bias.shape[-1]
+    kvh, L = cache.shape[1], group.bias.shape[-1]
     g = num_heads // kvh
-    kv = gather_blocks(cache, batch.decode_blocks, batch.block_size).view(2, kvh * bsz, L, hd)
+    kv = gather_blocks(cache, group.blocks, block_size).view(2, kvh * bsz, L, hd)
     qg = (q * scale).view(bsz, kvh, g, hd).transpose(0, 1).reshape(kvh * bsz, g, hd)
     scores = torch.bmm(qg, kv[0].transpose(1, 2)).view(kvh, bsz, g, L)  # [kvh, B, g, L]
-    probs = torch.softmax(scores.float() + batch.decode_bias, dim=-1).to(q.dtype)
+    probs = torch.softmax(scores.float() + group.bias, dim=-1).to(q.dtype)
     o = torch.bmm(probs.view(kvh * bsz, g, L), kv[1])  # [kvh*B, g, hd]
     return o.view(kvh, bsz, g, hd).transpose(0, 1).reshape(bsz, num_heads, hd)
 

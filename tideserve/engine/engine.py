@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tideserve.engine.scheduler import Scheduler, SchedulerConfig
 from tideserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
+KVLayerHook = Callable[[str, int, "torch.Tensor"], None]
 
 
 @dataclass
@@ -184,11 +186,15 @@ class LLMEngine:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_kv_layer: KVLayerHook | None = None) -> list[RequestOutput]:
+        """One model step. With `on_kv_layer`, each `hold_kv` request whose prefill completes in
+        this step has every layer's KV handed to the hook as soon as that layer is computed
+        (`hook(request_id, layer, kv[2, kvh, T, hd])`), so a transfer overlaps the compute."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        rows, result = self.runner.run(plan)
+        layer_hook = self._layer_hook(plan, on_kv_layer) if on_kv_layer else None
+        rows, result = self.runner.run(plan, layer_hook)
         sampled = {it.seq.request_id: t for it, t in zip(rows, result.token_ids)}
         logprobs = {
             it.seq.request_id: lp for it, lp in zip(rows, result.logprobs) if lp is not None
@@ -216,6 +222,22 @@ class LLMEngine:
 
     # -- KV export / import -----------------------------------------------------------------
 
+    def _layer_hook(self, plan, on_kv_layer: KVLayerHook) -> Callable[[int], None] | None:
+        kv = self.runner.kv
+        exports = [
+            (it.seq.request_id, kv.slots(it.seq.block_table, it.start + it.num_tokens))
+            for it in plan.scheduled
+            if it.sample and it.seq.hold_kv and it.seq.num_output_tokens == 0
+        ]
+        if not exports:
+            return None
+
+        def hook(layer: int) -> None:
+            for rid, slots in exports:
+                on_kv_layer(rid, layer, kv.export_layer(layer, slots))
+
+        return hook
+
     def kv_num_tokens(self, request_id: str) -> int:
         """Tokens of the request whose KV is in the cache (what an export carries)."""
         return self._seq(request_id).num_computed_tokens
@@ -235,10 +257,14 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
     ) -> bool:
-        """Reserves blocks for `num_kv_tokens` of incoming KV; False when the pool has no room."""
+        """Reserves blocks for `num_kv_tokens` of incoming KV; False when the pool has no room.
+
+        `output_token_ids` are the tokens generated so far (migration); a prefill hand-off
+        passes none here and its first token to `finish_import`.
+        """
         seq = self._new_sequence(request_id, prompt_token_ids, params, priority, False)
         seq.output_token_ids = list(output_token_ids)
-        if not 0 < num_kv_tokens < seq.num_tokens:
+        if not 0 < num_kv_tokens <= seq.num_tokens:
             raise ValueError(
                 f"num_kv_tokens {num_kv_tokens} out of range for {seq.num_tokens} tokens"
             )
@@ -257,10 +283,15 @@ class LLMEngine:
         slots = self.runner.kv.slots(seq.block_table, seq.num_computed_tokens)
         self.runner.kv.import_layer(layer, slots, kv)
 
-    def finish_import(self, request_id: str) -> None:
+    def finish_import(self, request_id: str, output_token_ids: list[int] = ()) -> None:
+        """All layers are in: append the tokens sampled meanwhile and join the running batch."""
         seq = self._seq(request_id)
         if seq.status is not SequenceStatus.IMPORTING:
             raise ValueError(f"request {request_id!r} is not importing KV")
+        seq.output_token_ids.extend(output_token_ids)
+        if seq.num_computed_tokens >= seq.num_tokens:
+            self.abort(request_id)
+            raise ValueError(f"request {request_id!r}: KV covers every token, nothing to decode")
         self.scheduler.add_running(seq)
 
     # -- helpers -----------------------------------------------------------------------------

@@ -166,11 +166,14 @@ class LlamaModel(nn.Module):
         kv_cache: torch.Tensor,  # [num_layers, 2, kvh, S, hd]
         batch: AttentionBatch,
         logits_indices: torch.Tensor,  # [N] rows of the batch that sample
+        layer_hook=None,  # called with the layer index after each layer (KV streaming)
     ) -> torch.Tensor:  # [N, vocab] float32
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         batch.cos, batch.sin = self.rotary.tables(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, kv_cache[i], batch)
+            if layer_hook is not None:
+                layer_hook(i)
         x = self.model.norm(x[logits_indices])  # [N, hidden]
         return self.lm_head(x).float()
 

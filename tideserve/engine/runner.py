@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tideserve.engine.attention import AttentionBatch, PrefillChunk
+from tideserve.engine import cpu_kernels
+from tideserve.engine.attention import AttentionBatch, DecodeGroup, PrefillChunk
 from tideserve.engine.kv_cache import KVCache
 from tideserve.engine.model import LlamaModel
 from tideserve.engine.sampler import Sampler, SampleResult
@@ -18,25 +19,33 @@ from tideserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache, device: torch.device) -> None:
+    def __init__(
+        self, model: LlamaModel, kv: KVCache, device: torch.device, use_cpu_kernels: bool = True
+    ) -> None:
         self.model = model
         self.kv = kv
         self.device = device
         self.sampler = Sampler()
+        self.kernel = cpu_kernels.load() if device.type == "cpu" and use_cpu_kernels else None
         self._arange = np.arange(kv.block_size, dtype=np.int64)
 
-    def run(self, step: SchedulerOutput) -> tuple[list[ScheduledSeq], SampleResult]:
-        """Runs one step; returns the sampling rows (scheduled items that sample) and tokens."""
+    def run(
+        self, step: SchedulerOutput, layer_hook=None
+    ) -> tuple[list[ScheduledSeq], SampleResult]:
+        """Runs one step; returns the sampling rows (scheduled items that sample) and tokens.
+        `layer_hook(i)`, if given, runs right after layer i of the forward pass."""
+        logits = self.forward_logits(step, layer_hook)
         rows = [it for it in step.decodes + step.prefills if it.sample]
-        logits = self.forward_logits(step)
         if not rows:
             return [], SampleResult([], [])
         params = [it.seq.params for it in rows]
         ids = [it.seq.request_id for it in rows]
         return rows, self.sampler(logits, params, ids)
 
-    def forward_logits(self, step: SchedulerOutput) -> torch.Tensor:
-        """[N, V] float32 logits of the scheduled items that sample, in batch order."""
+    def forward_logits(self, step: SchedulerOutput, layer_hook=None) -> torch.Tensor:
+        """[N, V] float32 logits of the scheduled items that sample, in batch order (decodes
+        are put in context-length order first, for the decode groups)."""
+        step.decodes.sort(key=lambda d: d.start)
         input_ids, positions, slot_mapping, logits_idx = [], [], [], []
         offset = 0
         for item in step.decodes + step.prefills:
@@ -56,6 +65,7 @@ class ModelRunner:
             self.kv.tensor,
             batch,
             torch.tensor(logits_idx, dtype=torch.long, device=self.device),
+            layer_hook,
         )
 
     def _slots(self, block_table: list[int], start: int, end: int) -> np.ndarray:
@@ -63,23 +73,42 @@ class ModelRunner:
         blocks = np.asarray(block_table[: -(-end // bs)], dtype=np.int64)
         return (blocks[:, None] * bs + self._arange).reshape(-1)[start:end]
 
+    def _decode_tables(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.kv.block_size
+        lens = np.array([d.start + 1 for d in decodes], dtype=np.int64)
+        tables = np.zeros((len(decodes), -(-int(lens.max()) // bs)), dtype=np.int64)
+        for b, d in enumerate(decodes):
+            table = d.seq.block_table[: -(-int(lens[b]) // bs)]
+            tables[b, : len(table)] = table
+        return torch.from_numpy(tables), torch.from_numpy(lens)
+
+    def _decode_group(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.kv.block_size
+        lens = [d.start + 1 for d in decodes]
+        nb = -(-max(lens) // bs)
+        blocks = np.zeros((len(lens), nb), dtype=np.int64)
+        bias = np.full((1, len(lens), 1, nb * bs), -np.inf, dtype=np.float32)
+        for b, (d, n) in enumerate(zip(decodes, lens)):
+            table = d.seq.block_table[: -(-n // bs)]
+            blocks[b, : len(table)] = table
+            bias[0, b, :, :n] = 0.0
+        dev = self.device
+        return torch.from_numpy(blocks.reshape(-1)).to(dev), torch.from_numpy(bias).to(dev)
+
     def _attention_batch(
         self, step: SchedulerOutput, slot_mapping: list[np.ndarray]
     ) -> AttentionBatch:
         dev = self.device
         bs = self.kv.block_size
-        decode_blocks = decode_bias = None
-        if step.decodes:
-            lens = [d.start + 1 for d in step.decodes]
-            nb = -(-max(lens) // bs)
-            blocks = np.zeros((len(lens), nb), dtype=np.int64)
-            bias = np.full((1, len(lens), 1, nb * bs), -np.inf, dtype=np.float32)
-            for b, (d, n) in enumerate(zip(step.decodes, lens)):
-                table = d.seq.block_table[: -(-n // bs)]
-                blocks[b, : len(table)] = table
-                bias[0, b, :, :n] = 0.0
-            decode_blocks = torch.from_numpy(blocks.reshape(-1)).to(dev)
-            decode_bias = torch.from_numpy(bias).to(dev)
+        groups, tables, lens = [], None, None
+        if self.kernel is not None and step.decodes:
+            tables, lens = self._decode_tables(step.decodes)
+        else:
+            start = 0
+            for members in _length_groups([d.start + 1 for d in step.decodes]):
+                blocks, bias = self._decode_group([step.decodes[i] for i in members])
+                groups.append(DecodeGroup(start, len(members), blocks, bias))
+                start += len(members)
         prefills = []
         q_start = len(step.decodes)
         for p in step.prefills:
@@ -97,7 +126,26 @@ class ModelRunner:
             slot_mapping=torch.from_numpy(np.concatenate(slot_mapping)).to(dev),
             num_decodes=len(step.decodes),
             block_size=bs,
-            decode_blocks=decode_blocks,
-            decode_bias=decode_bias,
+            decode_groups=groups,
+            decode_kernel=self.kernel if tables is not None else None,
+            decode_tables=tables,
+            decode_lens=lens,
             prefills=prefills,
         )
+
+
+def _length_groups(lens: list[int], max_waste: float = 0.25, min_group: int = 4) -> list[list[int]]:
+    """Splits indices of ascending `lens` into runs whose padding to the run's longest wastes at
+    most `max_waste` of the attended positions (runs shorter than `min_group` merge on)."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    total = 0
+    for i, n in enumerate(lens):
+        if cur and len(cur) >= min_group and n * (len(cur) + 1) > (1 + max_waste) * (total + n):
+            groups.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += n
+    if cur:
+        groups.append(cur)
+    return groups

@@ -16,7 +16,7 @@ import bisect
 from dataclasses import dataclass
 
 from tideserve.engine.block_pool import BlockPool
-from tideserve.engine.sequence import Sequence, SequenceStatus
+from tideserve.engine.sequence import Sequence, SequenceStatus, stop_reason
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,14 @@ class Scheduler:
             seq.output_token_ids.append(token)
             if logprobs is not None and seq.request_id in logprobs:
                 seq.output_logprobs.append(logprobs[seq.request_id])
-            status = self._stop_status(seq, token, eos_token_ids)
+            status = stop_reason(
+                seq.params,
+                seq.num_output_tokens,
+                seq.num_tokens,
+                token,
+                eos_token_ids,
+                self.config.max_model_len,
+            )
             if status is not None:
                 seq.status = status
                 self.running.remove(seq)
@@ -190,14 +197,3 @@ class Scheduler:
                     self.release(seq)
                 finished.append(seq)
         return finished
-
-    def _stop_status(
-        self, seq: Sequence, token: int, eos_token_ids: frozenset[int]
-    ) -> SequenceStatus | None:
-        p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
-            if (token in eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-                return SequenceStatus.FINISHED_STOPPED
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            return SequenceStatus.FINISHED_LENGTH
-        return None

@@ -60,6 +60,23 @@ class SequenceStatus(enum.Enum):
         return self in _FINISHED
 
 
+def stop_reason(
+    params: SamplingParams,
+    num_output_tokens: int,
+    num_tokens: int,
+    token: int,
+    eos_token_ids: frozenset[int],
+    max_model_len: int,
+) -> SequenceStatus | None:
+    """Why a sequence ends after sampling `token` (its `num_output_tokens`-th), or None."""
+    if num_output_tokens >= params.min_tokens:
+        if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return SequenceStatus.FINISHED_STOPPED
+    if num_output_tokens >= params.max_tokens or num_tokens >= max_model_len:
+        return SequenceStatus.FINISHED_LENGTH
+    return None
+
+
 _FINISHED = {
     SequenceStatus.FINISHED_STOPPED,
     SequenceStatus.FINISHED_LENGTH,

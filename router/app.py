@@ -1,0 +1,341 @@
+"""The router's HTTP API (aiohttp): OpenAI completions and chat completions, streaming or not.
+
+A request: parse and validate (400s) -> chat template and tokenize -> check the context length
+-> admit (429 when `max_inflight_requests` are in flight, 503 when no worker is ready) ->
+`Cluster.submit` picks the workers -> TokenChunks arrive on the request's Stream ->
+incremental detokenization and stop strings -> SSE chunks or one JSON body. A client that goes
+away, or a stop string, aborts the request on every worker, which frees its KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+
+from router.cluster import Cluster, NoCapacity, Stream
+from router.config import RouterConfig
+from router.metrics import RouterMetrics
+from router.openai_api import (
+    ApiError,
+    GenerationSpec,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    models_response,
+    parse_chat,
+    parse_completion,
+    usage,
+    usage_chunk,
+)
+from tideserve.engine.stop import StopChecker
+from tideserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from tideserve.protocol import RequestFailed, TokenChunk
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = "1"
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig, tokenizer: Tokenizer, cluster: Cluster) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.cluster = cluster
+        self.model = cfg.served_model_name or Path(cfg.model_path).name
+        self.metrics = RouterMetrics()
+        self.created = int(time.time())
+        self.inflight = 0
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self.errors])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/cluster", self.cluster_state)
+        app.on_startup.append(lambda _: self.cluster.start())
+        app.on_cleanup.append(lambda _: self.cluster.close())
+        return app
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler):
+        endpoint = request.path
+        try:
+            resp = await handler(request)
+        except ApiError as e:
+            resp = _error(e)
+        except web.HTTPRequestEntityTooLarge:
+            resp = _error(ApiError(413, f"request body exceeds {self.cfg.max_body_bytes} bytes"))
+        except web.HTTPException as e:
+            resp = _error(ApiError(e.status, e.reason or "HTTP error"))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            rid = request.get("request_id", "-")
+            log.exception("request %s: internal error", rid)
+            resp = _error(ApiError(500, f"internal error (request id {rid})", "internal_error"))
+        self.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        return resp
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            models_response(self.model, self.cluster.max_model_len, self.created)
+        )
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = self.cluster.is_ready
+        return web.json_response(
+            {"status": "ok" if ok else "unavailable"}, status=200 if ok else 503
+        )
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        self.metrics.inflight.set(self.inflight)
+        body = self.metrics.render(list(self.cluster.workers.values()))
+        return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+    async def cluster_state(self, request: web.Request) -> web.Response:
+        workers = [w.as_json() for w in self.cluster.workers.values()]
+        return web.json_response({"workers": workers, "requests_inflight": self.inflight})
+
+    # -- the two generation endpoints ----------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        spec = parse_completion(await _json(request), _slo_header(request), self.model)
+        return await self._generate(request, spec, "cmpl", chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        spec = parse_chat(await _json(request), _slo_header(request), self.model)
+        return await self._generate(request, spec, "chatcmpl", chat=True)
+
+    async def _generate(self, request, spec: GenerationSpec, prefix: str, chat: bool):
+        if spec.model != self.model:
+            raise ApiError(
+                404,
+                f"model {spec.model!r} does not exist; this server serves {self.model!r}",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
+        prompt_ids = self._tokenize(spec)
+        max_tokens = self._check_length(spec, len(prompt_ids))
+        if self.inflight >= self.cfg.max_inflight_requests:
+            raise _overloaded(429, "too many requests in flight; retry shortly")
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        request["request_id"] = rid
+        stream = Stream(rid, prompt_ids, spec.params(max_tokens), spec.priority)
+        try:
+            self.cluster.submit(stream)
+        except NoCapacity as e:
+            raise _overloaded(503, f"no worker is ready to serve this request: {e}") from None
+        self.inflight += 1
+        gen = self._events(stream, spec)
+        try:
+            if spec.stream:
+                return await self._sse(request, rid, spec, chat, gen, len(prompt_ids))
+            return await self._whole(rid, spec, chat, gen, len(prompt_ids))
+        finally:
+            self.inflight -= 1
+            self.cluster.abort(rid)  # no-op once finished; frees KV on a disconnect or error
+
+    def _tokenize(self, spec: GenerationSpec) -> list[int]:
+        try:
+            if spec.messages is not None:
+                return self.tokenizer.apply_chat_template(
+                    spec.messages, add_generation_prompt=True, tokenize=True
+                )
+            if isinstance(spec.prompt, str):
+                return self.tokenizer.encode(spec.prompt)
+            self.tokenizer.check_ids(spec.prompt)
+            return list(spec.prompt)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages" if spec.messages else "prompt") from None
+
+    def _check_length(self, spec: GenerationSpec, n: int) -> int:
+        ctx = self.cluster.max_model_len
+        if ctx is None:
+            raise _overloaded(503, "no worker is ready yet")
+        limit = f"this model's maximum context length is {ctx} tokens"
+        if n >= ctx:
+            msg = f"{limit}, but the prompt has {n} tokens; shorten it"
+            raise ApiError(400, msg, param="prompt", code="context_length_exceeded")
+        if spec.max_tokens is None:
+            return ctx - n
+        if n + spec.max_tokens > ctx:
+            msg = (
+                f"{limit}; you requested {n + spec.max_tokens} ({n} in the prompt, "
+                f"{spec.max_tokens} to generate); lower max_tokens"
+            )
+            raise ApiError(400, msg, param="max_tokens", code="context_length_exceeded")
+        return spec.max_tokens
+
+    # -- token events -> text --------------------------------------------------------------------
+
+    async def _events(self, stream: Stream, spec: GenerationSpec):
+        """Yields (text_delta, finish_reason, completion_tokens); finish_reason ends it."""
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stop = StopChecker(spec.stop)
+        t0 = time.monotonic()
+        t_first = None
+        n = 0
+        labels = (spec.slo_class,)
+        while True:
+            try:
+                msg = await asyncio.wait_for(stream.queue.get(), self.cfg.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    504,
+                    f"no token in {self.cfg.request_timeout_s:.0f} s; request aborted",
+                    "timeout_error",
+                ) from None
+            if isinstance(msg, RequestFailed):
+                raise ApiError(
+                    503 if msg.retryable else 400 if n == 0 else 500,
+                    msg.message,
+                    "server_error" if msg.retryable else "invalid_request_error",
+                )
+            assert isinstance(msg, TokenChunk)
+            if t_first is None:
+                t_first = time.monotonic()
+                self.metrics.ttft.labels(*labels).observe(t_first - t0)
+            n += len(msg.token_ids)
+            text, stopped = stop.feed(detok.add(msg.token_ids))
+            finish = "stop" if stopped else msg.finish_reason
+            if finish is not None:
+                if not stopped:
+                    text2, stopped = stop.feed(detok.flush())
+                    text += text2 + ("" if stopped else stop.flush())
+                self._observe_end(labels, t0, t_first, n, len(stream.prompt_token_ids))
+                yield text, finish, n
+                return
+            if text:
+                yield text, None, n
+
+    def _observe_end(self, labels, t0: float, t_first: float, n: int, num_prompt: int) -> None:
+        now = time.monotonic()
+        self.metrics.e2e.labels(*labels).observe(now - t0)
+        if n > 1:
+            self.metrics.tpot.labels(*labels).observe((now - t_first) / (n - 1))
+        self.metrics.tokens.labels("prompt").inc(num_prompt)
+        self.metrics.tokens.labels("completion").inc(n)
+
+    async def _whole(self, rid: str, spec: GenerationSpec, chat: bool, gen, num_prompt: int):
+        parts, finish, n = [], None, 0
+        async for text, fin, count in gen:
+            parts.append(text)
+            finish, n = fin, count
+        text = "".join(parts)
+        u = usage(num_prompt, n)
+        if chat:
+            return web.json_response(
+                chat_response(rid, self.model, int(time.time()), text, finish, u)
+            )
+        if spec.echo and isinstance(spec.prompt, str):
+            text = spec.prompt + text
+        return web.json_response(
+            completion_response(rid, self.model, int(time.time()), text, finish, u)
+        )
+
+    async def _sse(self, request, rid: str, spec: GenerationSpec, chat: bool, gen, num_prompt: int):
+        created = int(time.time())
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        first = None
+        try:  # the first event before the headers: errors still get a proper status
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            pass
+        await resp.prepare(request)
+
+        async def send(obj: dict) -> None:
+            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+        if chat:
+            await send(
+                chat_chunk(rid, self.model, created, {"role": "assistant", "content": ""}, None)
+            )
+        n, finish = 0, None
+        try:
+            events = _chain(first, gen)
+            async for text, finish, count in events:
+                n = count
+                if chat:
+                    delta = {"content": text} if text else {}
+                    await send(chat_chunk(rid, self.model, created, delta, finish))
+                else:
+                    await send(completion_chunk(rid, self.model, created, text, finish))
+        except ApiError as e:
+            await send(e.body())
+        if spec.include_usage:
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            await send(usage_chunk(rid, self.model, created, obj, usage(num_prompt, n)))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+async def _chain(first, gen):
+    if first is not None:
+        yield first
+        if first[1] is not None:
+            return
+    async for item in gen:
+        yield item
+
+
+def _slo_header(request: web.Request) -> str | None:
+    return request.headers.get("X-SLO-Class")
+
+
+async def _json(request: web.Request):
+    try:
+        return await request.json()
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not valid UTF-8") from None
+
+
+def _error(e: ApiError) -> web.Response:
+    headers = {"Retry-After": RETRY_AFTER_S} if e.status in (429, 503) else None
+    return web.json_response(e.body(), status=e.status, headers=headers)
+
+
+def _overloaded(status: int, message: str) -> ApiError:
+    return ApiError(status, message, "server_error" if status == 503 else "rate_limit_error")
+
+
+def build(cfg: RouterConfig) -> Router:
+    tokenizer = Tokenizer.from_dir(cfg.model_path)
+    cluster = Cluster(
+        cfg.worker_address, cfg.heartbeat_timeout_s, cfg.max_redispatch, cfg.kv_transports
+    )
+    return Router(cfg, tokenizer, cluster)
+
+
+def run(cfg: RouterConfig) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    router = build(cfg)
+    log.info("router: http://%s:%d, workers connect to %s", cfg.host, cfg.port, cfg.worker_address)
+    web.run_app(
+        router.app(),
+        host=cfg.host,
+        port=cfg.port,
+        print=None,
+        handler_cancellation=True,
+        access_log=None,
+    )

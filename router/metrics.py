@@ -1,0 +1,77 @@
+"""The router's Prometheus metrics (a registry of its own, so tests can build many routers)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tideserve_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "tideserve_ttft_seconds",
+            "time to first token",
+            ["slo_class"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "tideserve_tpot_seconds",
+            "time per output token after the first",
+            ["slo_class"],
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "tideserve_e2e_seconds",
+            "request latency, end to end",
+            ["slo_class"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("tideserve_tokens", "tokens processed", ["kind"], registry=r)
+        self.inflight = Gauge(
+            "tideserve_requests_inflight", "requests admitted and unfinished", registry=r
+        )
+        self.worker_queue = Gauge(
+            "tideserve_worker_queued_prefill_tokens",
+            "prompt tokens queued",
+            ["worker", "role"],
+            registry=r,
+        )
+        self.worker_running = Gauge(
+            "tideserve_worker_running", "sequences running", ["worker", "role"], registry=r
+        )
+        self.worker_kv_used = Gauge(
+            "tideserve_worker_kv_blocks_used", "KV blocks in use", ["worker", "role"], registry=r
+        )
+        self.worker_kv_total = Gauge(
+            "tideserve_worker_kv_blocks_total", "KV blocks", ["worker", "role"], registry=r
+        )
+
+    def render(self, workers) -> bytes:
+        for g in (
+            self.worker_queue,
+            self.worker_running,
+            self.worker_kv_used,
+            self.worker_kv_total,
+        ):
+            g.clear()
+        for w in workers:
+            labels = (w.worker_id, w.hello.role)
+            s = w.stats
+            self.worker_kv_total.labels(*labels).set(w.hello.num_kv_blocks)
+            if s is not None:
+                self.worker_queue.labels(*labels).set(s.queued_prefill_tokens)
+                self.worker_running.labels(*labels).set(s.num_running)
+                self.worker_kv_used.labels(*labels).set(s.kv_blocks_used)
+        return generate_latest(self.registry)

@@ -1,0 +1,202 @@
+"""`tideserve serve`: the router and its workers as child processes of one command.
+
+Start-up: prepare the model (progress on stderr) -> start the router, then the workers, each
+with its share of the CPU threads -> wait until /health says ready -> print the URL and a curl
+example -> wait. Ctrl-C, SIGTERM, or any child dying stops every child (SIGTERM, then SIGKILL
+after a grace period); children also get SIGTERM if this process dies (PR_SET_PDEATHSIG), so no
+orphan outlives it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str  # HF model folder (already prepared)
+    mode: str = "disaggregated"  # or colocated
+    num_prefill: int = 1
+    num_decode: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    device: str = "auto"
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    served_model_name: str = ""
+    log_level: str = "INFO"
+    ready_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
+        if self.num_decode < 1 or (self.mode == "disaggregated" and self.num_prefill < 1):
+            raise ValueError(
+                "need at least one decode worker (and one prefill worker when disaggregated)"
+            )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgid(0, 0)  # Ctrl-C in the terminal reaches only us; we stop the children in order
+
+
+def worker_commands(cfg: ServeConfig, worker_address: str) -> list[list[str]]:
+    base = [sys.executable, "-m", "tideserve.cli", "--log-level", cfg.log_level]
+    engine = [
+        "--model",
+        cfg.model,
+        "--dtype",
+        cfg.dtype,
+        "--device",
+        cfg.device,
+        "--max-num-seqs",
+        str(cfg.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(cfg.max_num_batched_tokens),
+    ]
+    if cfg.kv_cache_bytes:
+        engine += ["--kv-cache-bytes", str(cfg.kv_cache_bytes)]
+    if cfg.served_model_name:
+        engine += ["--served-model-name", cfg.served_model_name]
+    roles = (
+        ["prefill"] * cfg.num_prefill + ["decode"] * cfg.num_decode
+        if cfg.mode == "disaggregated"
+        else ["colocated"] * cfg.num_decode
+    )
+    threads = max(1, (os.cpu_count() or 1) // len(roles))
+    cmds = []
+    for i, role in enumerate(roles):
+        cmd = "prefill" if role == "prefill" else "decode"
+        extra = [] if role == "prefill" else ["--role", role]
+        cmds.append(
+            base
+            + [
+                cmd,
+                *extra,
+                "--router-address",
+                worker_address,
+                "--worker-id",
+                f"{role}-{i}",
+                "--num-threads",
+                str(threads),
+                *engine,
+            ]
+        )
+    return cmds
+
+
+def serve(cfg: ServeConfig) -> int:
+    worker_address = f"tcp://127.0.0.1:{free_port()}"
+    router_cmd = [
+        sys.executable,
+        "-m",
+        "tideserve.cli",
+        "--log-level",
+        cfg.log_level,
+        "router",
+        "--model",
+        cfg.model,
+        "--host",
+        cfg.host,
+        "--port",
+        str(cfg.port),
+        "--worker-address",
+        worker_address,
+    ]
+    if cfg.served_model_name:
+        router_cmd += ["--served-model-name", cfg.served_model_name]
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def stop(signum=None, frame=None):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        children.append(subprocess.Popen(router_cmd, preexec_fn=_die_with_parent))
+        for cmd in worker_commands(cfg, worker_address):
+            children.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
+        url = f"http://{cfg.host}:{cfg.port}"
+        announced = False
+        deadline = time.monotonic() + cfg.ready_timeout_s
+        while not stopping:
+            dead = [c for c in children if c.poll() is not None]
+            if dead:
+                print(
+                    f"tideserve: a child process exited (code {dead[0].returncode}): stopping",
+                    file=sys.stderr,
+                )
+                return 1
+            if not announced:
+                if _healthy(url):
+                    announced = True
+                    _announce(url, cfg)
+                elif time.monotonic() > deadline:
+                    print(
+                        f"tideserve: not ready after {cfg.ready_timeout_s:.0f} s: stopping",
+                        file=sys.stderr,
+                    )
+                    return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        _stop_all(children)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _announce(url: str, cfg: ServeConfig) -> None:
+    name = cfg.served_model_name or os.path.basename(cfg.model.rstrip("/"))
+    print(
+        f"""
+tideserve is ready at {url}  ({cfg.mode}; model {name})
+
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+Ctrl-C stops it.""",
+        flush=True,
+    )
+
+
+def _stop_all(children: list[subprocess.Popen]) -> None:
+    for c in reversed(children):  # workers first (they say goodbye), the router last
+        if c.poll() is None:
+            c.terminate()
+    deadline = time.monotonic() + GRACE_S
+    for c in children:
+        try:
+            c.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.kill()
+            c.wait()

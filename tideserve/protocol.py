@@ -1,0 +1,273 @@
+"""Every message that crosses a process boundary, and its msgpack codec.
+
+A ZMQ message is one msgpack frame holding a tagged struct, followed by zero or more raw frames
+for tensors (zero-copy on both sides): the struct carries each tensor's `TensorMeta` (dtype,
+shape) and the raw bytes travel in their own frame, in order. One `Decoder` reads every type;
+services dispatch on the type through a `{type: handler}` table. Decoding is bounded (frame
+sizes, counts) and rejects other protocol versions in `Hello`. Nothing is ever pickled.
+
+Who sends what:
+    worker -> router     Hello, Heartbeat, Goodbye, TokenChunk, RequestFailed
+    router -> worker     PrefillRequest, GenerateRequest, AbortRequest, Welcome
+    prefill -> decode    KVBegin, KVLayer (+ tensor frame, or a shm notice), KVDone, KVAbort
+    decode -> prefill    KVAck
+Structs are positional (array_like, so one union decodes them all); new fields are only ever
+appended, with defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 4 << 20  # a msgpack header larger than this is rejected
+MAX_TENSOR_BYTES = 1 << 31  # one raw tensor frame
+MAX_FRAMES = 64
+
+Role = Literal["prefill", "decode", "colocated"]
+WorkerState = Literal["starting", "ready", "draining"]
+
+
+class ProtocolError(ValueError):
+    """A frame that is malformed, oversized, or of another protocol version."""
+
+
+class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
+    dtype: str  # numpy-style name; "bfloat16" travels as raw 2-byte words
+    shape: tuple[int, ...]
+
+
+class Params(msgspec.Struct, array_like=True, frozen=True):
+    """Sampling parameters (the engine's `SamplingParams`, as data)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+
+
+# -- membership --------------------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
+    protocol_version: int
+    worker_id: str
+    role: Role
+    host: str
+    kv_address: str  # where this worker receives KV ("" for prefill-only workers)
+    model: str
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    device: str
+    pid: int
+    kv_transports: tuple[str, ...] = ("tcp",)  # what its receiver accepts, best first
+
+
+class Welcome(msgspec.Struct, tag="welcome", array_like=True, frozen=True):
+    """The router's answer to Hello: accepted, or why not."""
+
+    ok: bool
+    reason: str = ""
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True, frozen=True):
+    worker_id: str
+    state: WorkerState
+    num_waiting: int
+    num_running: int
+    queued_prefill_tokens: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_inflight_kv: int = 0  # transfers under way into or out of this worker
+
+
+class Goodbye(msgspec.Struct, tag="goodbye", array_like=True, frozen=True):
+    worker_id: str
+    reason: str = ""
+
+
+# -- the request path --------------------------------------------------------------------------
+
+
+class PrefillRequest(msgspec.Struct, tag="prefill", array_like=True, frozen=True):
+    """Router -> prefill worker: prefill, send the first token back, stream KV to `decode_*`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Params
+    priority: int
+    decode_worker_id: str
+    decode_kv_address: str
+    kv_transport: str  # "tcp" or "shm"
+
+
+class GenerateRequest(msgspec.Struct, tag="generate", array_like=True, frozen=True):
+    """Router -> colocated worker: the whole request in one place (NoDG)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Params
+    priority: int
+
+
+class AbortRequest(msgspec.Struct, tag="abort", array_like=True, frozen=True):
+    request_id: str
+
+
+class TokenChunk(msgspec.Struct, tag="tokens", array_like=True, frozen=True):
+    """Worker -> router: new tokens of one request (and its end, when `finish_reason` is set)."""
+
+    request_id: str
+    worker_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    num_prompt_tokens: int = 0
+    logprobs: list[dict[int, float]] | None = None
+    is_first: bool = False  # the prefill worker's first token; decode follows elsewhere
+
+
+class RequestFailed(msgspec.Struct, tag="failed", array_like=True, frozen=True):
+    request_id: str
+    worker_id: str
+    message: str
+    retryable: bool = False  # e.g. the decode worker had no room: the router may re-dispatch
+
+
+# -- KV transfer -------------------------------------------------------------------------------
+
+
+class KVBegin(msgspec.Struct, tag="kv_begin", array_like=True, frozen=True):
+    """Prefill -> decode: a request's KV follows, layer by layer."""
+
+    request_id: str
+    src_worker_id: str
+    reply_address: str  # where the receiver sends KVAck
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    num_kv_tokens: int
+    params: Params
+    priority: int
+    num_layers: int
+    layer: TensorMeta  # shape and dtype of every layer's tensor
+
+
+class KVLayer(msgspec.Struct, tag="kv_layer", array_like=True, frozen=True):
+    """One layer's KV. With tcp the tensor is the next frame; with shm it sits in `shm_name`."""
+
+    request_id: str
+    layer: int
+    tensor: TensorMeta
+    shm_name: str = ""
+    shm_offset: int = 0
+
+
+class KVDone(msgspec.Struct, tag="kv_done", array_like=True, frozen=True):
+    request_id: str
+    output_token_ids: list[int] = []  # tokens sampled by the sender (a prefill's first token)
+
+
+class KVAbort(msgspec.Struct, tag="kv_abort", array_like=True, frozen=True):
+    request_id: str
+    reason: str = ""
+
+
+class KVAck(msgspec.Struct, tag="kv_ack", array_like=True, frozen=True):
+    """Decode -> prefill: the KV arrived (ok) or was refused/aborted; the sender frees it."""
+
+    request_id: str
+    ok: bool
+    reason: str = ""
+
+
+Message = (
+    Hello
+    | Welcome
+    | Heartbeat
+    | Goodbye
+    | PrefillRequest
+    | GenerateRequest
+    | AbortRequest
+    | TokenChunk
+    | RequestFailed
+    | KVBegin
+    | KVLayer
+    | KVDone
+    | KVAbort
+    | KVAck
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message, *tensors: np.ndarray) -> list:
+    """Frames for `msg`: its msgpack header, then each tensor's raw buffer (no copy)."""
+    if len(tensors) + 1 > MAX_FRAMES:
+        raise ProtocolError(f"too many tensor frames: {len(tensors)}")
+    return [
+        _encoder.encode(msg),
+        *(memoryview(np.ascontiguousarray(t).reshape(-1)).cast("B") for t in tensors),
+    ]
+
+
+def decode(frames: list) -> tuple[Message, list[memoryview]]:
+    """(message, raw tensor frames); raises ProtocolError for anything malformed."""
+    if not frames or len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"bad frame count {len(frames)}")
+    header = _buffer(frames[0])
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        msg = _decoder.decode(header)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed message: {e}") from None
+    if isinstance(msg, Hello) and msg.protocol_version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {msg.protocol_version} from {msg.worker_id!r}; this side speaks "
+            f"{PROTOCOL_VERSION}: run the same tideserve version everywhere"
+        )
+    raws = [_buffer(f) for f in frames[1:]]
+    for r in raws:
+        if len(r) > MAX_TENSOR_BYTES:
+            raise ProtocolError(f"tensor frame of {len(r)} bytes exceeds {MAX_TENSOR_BYTES}")
+    return msg, raws
+
+
+def _buffer(frame) -> memoryview:
+    if hasattr(frame, "buffer"):  # zmq.Frame
+        return frame.buffer
+    return memoryview(frame)
+
+
+# -- tensors -----------------------------------------------------------------------------------
+
+_ITEMSIZE = {"bfloat16": 2}
+
+
+def tensor_meta(array: np.ndarray, dtype: str | None = None) -> TensorMeta:
+    return TensorMeta(dtype or array.dtype.name, tuple(int(d) for d in array.shape))
+
+
+def meta_nbytes(meta: TensorMeta) -> int:
+    itemsize = _ITEMSIZE.get(meta.dtype) or np.dtype(meta.dtype).itemsize
+    return int(np.prod(meta.shape, dtype=np.int64)) * itemsize
+
+
+def check_tensor(meta: TensorMeta, raw: memoryview) -> None:
+    if any(d < 0 for d in meta.shape):
+        raise ProtocolError(f"negative dimension in {meta.shape}")
+    try:
+        expected = meta_nbytes(meta)
+    except TypeError:
+        raise ProtocolError(f"unknown dtype {meta.dtype!r}") from None
+    if len(raw) != expected:
+        raise ProtocolError(f"tensor frame has {len(raw)} bytes, {meta} needs {expected}")

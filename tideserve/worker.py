@@ -1,0 +1,198 @@
+"""What every worker process shares: its config, its link to the router, and its main loop.
+
+A worker's life: build the engine -> connect a DEALER to the router and say `Hello` (wait for
+`Welcome`) -> loop { poll sockets; handle each message through the worker's handler table;
+run one engine step if there is work; publish the step's tokens; heartbeat every
+`heartbeat_interval_s` } -> on SIGTERM/SIGINT abort what is left, say `Goodbye`, close.
+Workers are single-threaded around a blocking engine step with sync ZMQ sockets: the engine
+owns the CPU/GPU while it steps, and the poll between steps is the only wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+
+from tideserve.config import EngineConfig
+from tideserve.protocol import (
+    PROTOCOL_VERSION,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Message,
+    Params,
+    ProtocolError,
+    Welcome,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str  # prefill, decode or colocated
+    router_address: str = "tcp://127.0.0.1:7100"  # the router's worker socket
+    worker_id: str = ""  # unique name; "" = role-hostname-pid
+    host: str = "127.0.0.1"  # address other workers use to reach this one (KV)
+    kv_port: int = 0  # KV receiver port (decode/colocated); 0 = any free port
+    kv_transports: tuple[str, ...] = ("shm", "tcp")  # offered by the receiver, best first
+    served_model_name: str = ""  # the name clients use; "" = the model folder's name
+    heartbeat_interval_s: float = 0.5
+    connect_timeout_s: float = 30.0  # how long to wait for the router's Welcome
+    kv_timeout_s: float = 30.0  # a KV transfer that does not complete in this time is aborted
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode", "colocated"):
+            raise ValueError(f"role must be prefill, decode or colocated, got {self.role!r}")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError("heartbeat_interval_s must be positive")
+
+    @property
+    def resolved_id(self) -> str:
+        return self.worker_id or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def to_sampling_params(p: Params):
+    from tideserve.engine.sequence import SamplingParams
+
+    return SamplingParams(**msgspec.structs.asdict(p))
+
+
+class RouterLink:
+    """The worker's DEALER socket to the router (identity = worker id)."""
+
+    def __init__(self, ctx: zmq.Context, address: str, worker_id: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.connect(address)
+        self.address = address
+
+    def handshake(self, hello: Hello, timeout_s: float) -> None:
+        self.send(hello)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.sock.poll(200):
+                msg, _ = decode(self.sock.recv_multipart(copy=False))
+                if isinstance(msg, Welcome):
+                    if not msg.ok:
+                        raise RuntimeError(f"router refused this worker: {msg.reason}")
+                    return
+            else:
+                self.send(hello)  # the router may have started after us
+        raise RuntimeError(f"no answer from the router at {self.address} in {timeout_s:.0f} s")
+
+    def send(self, msg: Message) -> None:
+        self.sock.send_multipart(encode(msg), copy=False)
+
+    def recv_all(self) -> list[Message]:
+        out = []
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return out
+            try:
+                out.append(decode(frames)[0])
+            except ProtocolError as e:
+                log.warning("dropping a malformed message from the router: %s", e)
+
+
+class WorkerLoop:
+    """The loop skeleton; a worker supplies `handlers`, `step` and `stats`."""
+
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        link: RouterLink,
+        handlers: dict[type, Callable],
+        step: Callable[[], bool],
+        stats: Callable[[], Heartbeat],
+        extra_sockets: list[zmq.Socket] = (),
+        on_idle: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.cfg = cfg
+        self.link = link
+        self.handlers = handlers
+        self.step = step
+        self.stats = stats
+        self.on_idle = on_idle
+        self.poller = zmq.Poller()
+        for s in [link.sock, *extra_sockets]:
+            self.poller.register(s, zmq.POLLIN)
+        self.stopping = False
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum, frame):
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def run(self) -> None:
+        next_beat = 0.0
+        busy = False
+        while not self.stopping:
+            self.poller.poll(0 if busy else 20)
+            for msg in self.link.recv_all():
+                handler = self.handlers.get(type(msg))
+                if handler is None:
+                    log.warning("ignoring unexpected %s", type(msg).__name__)
+                    continue
+                handler(msg)
+            self.on_idle()
+            busy = self.step()
+            now = time.monotonic()
+            if now >= next_beat:
+                self.link.send(self.stats())
+                next_beat = now + self.cfg.heartbeat_interval_s
+
+    def say_goodbye(self, reason: str) -> None:
+        try:
+            self.link.send(Goodbye(self.cfg.resolved_id, reason))
+        except zmq.ZMQError:
+            pass
+
+
+def make_hello(cfg: WorkerConfig, engine, kv_address: str, transports: tuple[str, ...]) -> Hello:
+    return Hello(
+        protocol_version=PROTOCOL_VERSION,
+        worker_id=cfg.resolved_id,
+        role=cfg.role,
+        host=cfg.host,
+        kv_address=kv_address,
+        model=cfg.served_model_name or engine.model_path.name,
+        num_kv_blocks=engine.num_total_blocks,
+        block_size=engine.config.block_size,
+        max_model_len=engine.max_model_len,
+        device=str(engine.runner.device),
+        pid=os.getpid(),
+        kv_transports=transports,
+    )
+
+
+def engine_stats(cfg: WorkerConfig, engine, state: str, num_inflight_kv: int = 0) -> Heartbeat:
+    sched = engine.scheduler
+    queued = sum(s.num_tokens - s.num_computed_tokens for s in sched.waiting)
+    queued += sum(s.num_tokens - s.num_computed_tokens for s in sched.running if s.is_prefill)
+    return Heartbeat(
+        worker_id=cfg.resolved_id,
+        state=state,
+        num_waiting=len(sched.waiting),
+        num_running=len(sched.running),
+        queued_prefill_tokens=queued,
+        kv_blocks_used=engine.num_total_blocks - engine.num_free_blocks,
+        kv_blocks_total=engine.num_total_blocks,
+        num_inflight_kv=num_inflight_kv,
+    )
