@@ -254,3 +254,19 @@ def test_layer_streaming_hook_hands_off_a_prefill(tiny_model_dir):
     dst.finish_import("p", first)
     assert run(dst)["p"] == expected
     assert_no_leak(dst)
+
+
+def test_cpu_kernel_and_torch_attention_paths_agree(tiny_model_dir):
+    prompts = random_prompts(12, seed=21, lo=1, hi=120)
+    results = []
+    for use_kernel in (True, False):
+        e = make_engine(tiny_model_dir, max_num_batched_tokens=64)
+        if not use_kernel:
+            e.runner.kernel = None
+        elif e.runner.kernel is None:
+            pytest.skip("the CPU attention kernel could not be built here")
+        for i, p in enumerate(prompts):
+            e.add_request(str(i), p, SamplingParams(max_tokens=10, **GREEDY))
+        results.append(run(e))
+        assert_no_leak(e)
+    assert results[0] == results[1]

@@ -126,13 +126,13 @@ def load():
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="tideserve_cpu_kernels_v1",
+                name="tideserve_cpu_kernels_v2",
                 cpp_sources=[_SOURCE],
                 functions=["paged_decode_attention"],
                 # NOTE: -ffast-math lets the exp loop use glibc's vector exp (libmvec); the
                 # kernel keeps no infinities or NaNs in flight, which fast-math assumes away.
-                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffast-math"],
-                extra_ldflags=["-lmvec"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+                extra_ldflags=["-lmvec", "-fopenmp"],
                 verbose=False,
             )
         except Exception as e:  # a missing compiler or ninja: the torch path still works

@@ -1,0 +1,159 @@
+"""Serving benchmarks on the default model: `tideserve serve`, colocated against disaggregated.
+
+    python benchmarks/serving.py latency      # low load: TTFT and TPOT, one request at a time
+    python benchmarks/serving.py throughput   # 32 concurrent streams, 128-token prompts -> 128
+
+latency     N sequential streaming requests (128-token prompt, 64 output tokens) per mode;
+            medians of TTFT and TPOT, and disaggregated TTFT as a ratio of colocated.
+throughput  32 concurrent streaming clients, each a distinct 128-token prompt and exactly 128
+            output tokens (ignore_eos), greedy; output tok/s and TTFT p50/p90 per mode. The peer
+            on this machine, llama.cpp's llama-server with 32 slots, gives ~266 output tok/s
+            (p50 TTFT ~2.6 s) in bf16 and ~189 (~4.1 s) in f32 (shared/PEERS.md).
+Modes run one after the other, alternating (A B A B) with --rounds. Each server gets the
+machine's cores split between its workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+from tideserve.bench.client import stream_completion, summarize
+from tideserve.engine.default_model import DEFAULT_MODEL_NAME, prepare_default_model
+from tideserve.launcher import free_port
+
+HERE = Path(__file__).resolve().parent
+
+
+class Serve:
+    def __init__(self, mode: str, dtype: str, extra: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "tideserve.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--mode",
+            mode,
+            "--port",
+            str(self.port),
+            "--dtype",
+            dtype,
+            *extra,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+
+    def __enter__(self) -> Serve:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("tideserve serve exited early")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("server not ready")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 49000) for _ in range(length)] for _ in range(n)]
+
+
+async def run_load(url: str, batch: list[list[int]], max_tokens: int, concurrency: int) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as session:
+
+        async def one(p):
+            async with sem:
+                return await stream_completion(session, url, DEFAULT_MODEL_NAME, p, max_tokens)
+
+        t0 = time.perf_counter()
+        timings = await asyncio.gather(*(one(p) for p in batch))
+        return summarize(list(timings), time.perf_counter() - t0)
+
+
+def bench(kind: str, args) -> list[dict]:
+    rows = []
+    for r in range(args.rounds):
+        for mode in ("colocated", "disaggregated"):
+            with Serve(
+                mode, args.dtype, ["--max-num-batched-tokens", str(args.max_batched)]
+            ) as srv:
+                warm = prompts(2, 128, seed=999)
+                asyncio.run(run_load(srv.url, warm, 8, 2))
+                if kind == "latency":
+                    res = asyncio.run(run_load(srv.url, prompts(args.n, 128, r), 64, 1))
+                else:
+                    res = asyncio.run(run_load(srv.url, prompts(32, 128, 100 + r), 128, 32))
+            res |= {"mode": mode, "round": r, "dtype": args.dtype, "kind": kind}
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+    return rows
+
+
+def report(kind: str, rows: list[dict]) -> None:
+    def med(mode: str, key: str) -> float:
+        vals = sorted(r[key] for r in rows if r["mode"] == mode)
+        return vals[len(vals) // 2]
+
+    print("\n| mode | output tok/s | TTFT p50 | TTFT p90 | TPOT p50 | errors |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode in ("colocated", "disaggregated"):
+        errs = sum(r["errors"] for r in rows if r["mode"] == mode)
+        ttft50, ttft90 = med(mode, "ttft_p50_s") * 1e3, med(mode, "ttft_p90_s") * 1e3
+        tpot = med(mode, "tpot_p50_s") * 1e3
+        tok_s = med(mode, "output_tok_s")
+        print(
+            f"| {mode} | {tok_s:.1f} | {ttft50:.0f} ms | {ttft90:.0f} ms | {tpot:.1f} ms | {errs} |"
+        )
+    if kind == "latency":
+        ratio = med("disaggregated", "ttft_p50_s") / med("colocated", "ttft_p50_s")
+        print(f"\ndisaggregated TTFT / colocated TTFT (p50): {ratio:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("kind", choices=["latency", "throughput"])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--n", type=int, default=10, help="requests per mode (latency)")
+    ap.add_argument("--max-batched", type=int, default=2048, help="--max-num-batched-tokens")
+    args = ap.parse_args()
+    prepare_default_model()
+    rows = bench(args.kind, args)
+    report(args.kind, rows)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"serving-{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps(rows, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()
