@@ -13,7 +13,6 @@ A zmq receiver takes tcp frames and shm notices on the same address, whichever i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import zmq
 
@@ -33,9 +32,9 @@ from kv_transfer.receiver import Receiver
 from kv_transfer.sender import Sender
 from kv_transfer.shm import SHM_PREFIX, ShmSegments
 from kv_transfer.tcp import InlinePayload, ZmqLink
+from tideserve.policy.routing import choose_kv_transport as choose_transport
 
 TRANSPORTS = ("tcp", "shm", "fake")
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 __all__ = [
     "KVAbortEvent",
@@ -91,19 +90,6 @@ def make_receiver(
     _check_transport(transport)
     link = _make_link(transport, ctx, bind_host, port, advertise_host, send_hwm=10_000)
     return Receiver(link, timeout_s=timeout_s)
-
-
-def choose_transport(src_host: str, dst_host: str, dst_transports: Sequence[str]) -> str:
-    """ "shm" when both workers share a host and the receiver offers it, else "tcp"."""
-    same_host = src_host == dst_host or {src_host, dst_host} <= _LOOPBACK
-    if same_host and "shm" in dst_transports:
-        return "shm"
-    if "tcp" in dst_transports:
-        return "tcp"
-    raise ValueError(
-        f"no common KV transport from {src_host} to {dst_host}: the receiver offers "
-        f"{list(dst_transports)}, and shm needs both on one host"
-    )
 
 
 def _check_transport(transport: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from tideserve.policy.routing import WorkerView, blocks_for, route
+from tideserve.policy.routing import WorkerView, blocks_for, choose_kv_transport, route
 from tideserve.protocol import (
     AbortRequest,
     GenerateRequest,
@@ -208,10 +208,8 @@ class Cluster:
         )
 
     def _transport(self, src: Hello, dst: Hello) -> str:
-        offered = [t for t in dst.kv_transports if t in self.kv_transports]
-        if src.host == dst.host and "shm" in offered:
-            return "shm"
-        return "tcp"
+        offered = [t for t in dst.kv_transports if t in self.kv_transports] or ["tcp"]
+        return choose_kv_transport(src.host, dst.host, offered)
 
     def abort(self, request_id: str) -> None:
         """Stops a request on every worker that may hold it; idempotent."""

@@ -69,3 +69,19 @@ def route(
         return Route(p.worker_id, d.worker_id)
     c = pick_colocated(pool, num_prompt_tokens)
     return Route(None, c.worker_id) if c is not None else None
+
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def choose_kv_transport(src_host: str, dst_host: str, dst_transports) -> str:
+    """ "shm" when both workers share a host and the receiver offers it, else "tcp"."""
+    same_host = src_host == dst_host or {src_host, dst_host} <= _LOOPBACK
+    if same_host and "shm" in dst_transports:
+        return "shm"
+    if "tcp" in dst_transports:
+        return "tcp"
+    raise ValueError(
+        f"no common KV transport from {src_host} to {dst_host}: the receiver offers "
+        f"{list(dst_transports)}, and shm needs both on one host"
+    )
