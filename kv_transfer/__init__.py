@@ -13,7 +13,6 @@ A zmq receiver takes tcp frames and shm notices on the same address, whichever i
 
 from __future__ import annotations
 
-
 import zmq
 
 from kv_transfer.base import (
