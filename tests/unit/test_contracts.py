@@ -26,3 +26,12 @@ def test_control_plane_does_not_import_torch():
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
+
+
+def test_ruff_is_clean():
+    exe = shutil.which("ruff")
+    if exe is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    for args in (["check", "."], ["format", "--check", "."]):
+        proc = subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:]
