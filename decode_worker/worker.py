@@ -130,7 +130,7 @@ class DecodeWorker:
     def step(self) -> bool:
         if not self.engine.has_unfinished():
             return False
-        for out in self.engine.step():
+        for out in self.engine.step(on_layer=self.loop.heartbeat):
             self.link.send(
                 TokenChunk(
                     request_id=out.request_id,

@@ -87,7 +87,7 @@ class PrefillWorker:
     def step(self) -> bool:
         if not self.engine.has_unfinished():
             return False
-        for out in self.engine.step(on_kv_layer=self._on_kv_layer):
+        for out in self.engine.step(self._on_kv_layer, self.loop.heartbeat):
             self._first_token(out)
         return True
 

@@ -10,6 +10,7 @@ away, or a stop string, aborts the request on every worker, which frees its KV.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ from tideserve.protocol import RequestFailed, TokenChunk
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
+current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
 class Router:
@@ -80,7 +82,7 @@ class Router:
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
-            rid = request.get("request_id", "-")
+            rid = current_request_id.get()
             log.exception("request %s: internal error", rid)
             resp = _error(ApiError(500, f"internal error (request id {rid})", "internal_error"))
         self.metrics.requests.labels(endpoint, str(resp.status)).inc()
@@ -130,7 +132,7 @@ class Router:
         if self.inflight >= self.cfg.max_inflight_requests:
             raise _overloaded(429, "too many requests in flight; retry shortly")
         rid = f"{prefix}-{uuid.uuid4().hex}"
-        request["request_id"] = rid
+        current_request_id.set(rid)
         stream = Stream(rid, prompt_ids, spec.params(max_tokens), spec.priority)
         try:
             self.cluster.submit(stream)
@@ -256,16 +258,25 @@ class Router:
             pass
         await resp.prepare(request)
 
-        async def send(obj: dict) -> None:
-            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        async def send(obj: dict | None) -> None:
+            payload = b"[DONE]" if obj is None else json.dumps(obj).encode()
+            await resp.write(b"data: " + payload + b"\n\n")
 
-        if chat:
-            await send(
-                chat_chunk(rid, self.model, created, {"role": "assistant", "content": ""}, None)
-            )
-        n, finish = 0, None
         try:
-            events = _chain(first, gen)
+            await self._stream_events(
+                send, rid, created, spec, chat, _chain(first, gen), num_prompt
+            )
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client left; _generate's cleanup aborts the request on its workers
+        return resp
+
+    async def _stream_events(self, send, rid, created, spec, chat: bool, events, num_prompt: int):
+        if chat:
+            role = {"role": "assistant", "content": ""}
+            await send(chat_chunk(rid, self.model, created, role, None))
+        n = 0
+        try:
             async for text, finish, count in events:
                 n = count
                 if chat:
@@ -278,9 +289,7 @@ class Router:
         if spec.include_usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
             await send(usage_chunk(rid, self.model, created, obj, usage(num_prompt, n)))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        await send(None)  # data: [DONE]
 
 
 async def _chain(first, gen):

@@ -12,7 +12,7 @@ class RouterConfig:
     host: str = "127.0.0.1"  # HTTP bind address
     port: int = 8000  # HTTP port
     worker_address: str = "tcp://127.0.0.1:7100"  # ZMQ ROUTER socket the workers connect to
-    heartbeat_timeout_s: float = 3.0  # a worker silent this long is dropped
+    heartbeat_timeout_s: float = 5.0  # a worker silent this long is dropped
     request_timeout_s: float = 600.0  # no token for this long fails the request
     max_inflight_requests: int = 512  # admitted at once; more get 429
     max_body_bytes: int = 4 << 20  # larger bodies get 413

@@ -12,6 +12,7 @@ import logging
 import sys
 from dataclasses import fields
 
+from tideserve.bench import cli as bench_cli
 from tideserve.config import EngineConfig
 
 
@@ -101,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         served_model_name=args.served_model_name,
+        num_threads=args.num_threads,
         log_level=args.log_level,
     )
     return serve(cfg)
@@ -179,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+    bench_cli.add_parser(sub)
     return parser
 
 

@@ -36,6 +36,7 @@ class ServeConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     served_model_name: str = ""
+    num_threads: int | None = None  # torch threads per worker; None = the cores split evenly
     log_level: str = "INFO"
     ready_timeout_s: float = 300.0
 
@@ -85,7 +86,7 @@ def worker_commands(cfg: ServeConfig, worker_address: str) -> list[list[str]]:
         if cfg.mode == "disaggregated"
         else ["colocated"] * cfg.num_decode
     )
-    threads = max(1, (os.cpu_count() or 1) // len(roles))
+    threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // len(roles))
     cmds = []
     for i, role in enumerate(roles):
         cmd = "prefill" if role == "prefill" else "decode"

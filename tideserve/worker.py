@@ -132,6 +132,7 @@ class WorkerLoop:
         for s in [link.sock, *extra_sockets]:
             self.poller.register(s, zmq.POLLIN)
         self.stopping = False
+        self._next_beat = 0.0
 
     def install_signal_handlers(self) -> None:
         def stop(signum, frame):
@@ -141,7 +142,6 @@ class WorkerLoop:
         signal.signal(signal.SIGINT, stop)
 
     def run(self) -> None:
-        next_beat = 0.0
         busy = False
         while not self.stopping:
             self.poller.poll(0 if busy else 20)
@@ -153,10 +153,14 @@ class WorkerLoop:
                 handler(msg)
             self.on_idle()
             busy = self.step()
-            now = time.monotonic()
-            if now >= next_beat:
-                self.link.send(self.stats())
-                next_beat = now + self.cfg.heartbeat_interval_s
+            self.heartbeat()
+
+    def heartbeat(self, layer: int = 0) -> None:
+        """Sends a Heartbeat when one is due; also called between layers of a long step."""
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self.link.send(self.stats())
+            self._next_beat = now + self.cfg.heartbeat_interval_s
 
     def say_goodbye(self, reason: str) -> None:
         try:

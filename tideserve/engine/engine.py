@@ -186,15 +186,20 @@ class LLMEngine:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def step(self, on_kv_layer: KVLayerHook | None = None) -> list[RequestOutput]:
+    def step(
+        self,
+        on_kv_layer: KVLayerHook | None = None,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> list[RequestOutput]:
         """One model step. With `on_kv_layer`, each `hold_kv` request whose prefill completes in
         this step has every layer's KV handed to the hook as soon as that layer is computed
-        (`hook(request_id, layer, kv[2, kvh, T, hd])`), so a transfer overlaps the compute."""
+        (`hook(request_id, layer, kv[2, kvh, T, hd])`), so a transfer overlaps the compute.
+        `on_layer(i)` runs after every layer: a worker keeps its heartbeat going from there
+        through a long prefill step."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        layer_hook = self._layer_hook(plan, on_kv_layer) if on_kv_layer else None
-        rows, result = self.runner.run(plan, layer_hook)
+        rows, result = self.runner.run(plan, self._layer_hook(plan, on_kv_layer, on_layer))
         sampled = {it.seq.request_id: t for it, t in zip(rows, result.token_ids)}
         logprobs = {
             it.seq.request_id: lp for it, lp in zip(rows, result.logprobs) if lp is not None
@@ -222,19 +227,23 @@ class LLMEngine:
 
     # -- KV export / import -----------------------------------------------------------------
 
-    def _layer_hook(self, plan, on_kv_layer: KVLayerHook) -> Callable[[int], None] | None:
+    def _layer_hook(self, plan, on_kv_layer, on_layer) -> Callable[[int], None] | None:
         kv = self.runner.kv
-        exports = [
-            (it.seq.request_id, kv.slots(it.seq.block_table, it.start + it.num_tokens))
-            for it in plan.scheduled
-            if it.sample and it.seq.hold_kv and it.seq.num_output_tokens == 0
-        ]
-        if not exports:
+        exports = []
+        if on_kv_layer is not None:
+            exports = [
+                (it.seq.request_id, kv.slots(it.seq.block_table, it.start + it.num_tokens))
+                for it in plan.scheduled
+                if it.sample and it.seq.hold_kv and it.seq.num_output_tokens == 0
+            ]
+        if not exports and on_layer is None:
             return None
 
         def hook(layer: int) -> None:
             for rid, slots in exports:
                 on_kv_layer(rid, layer, kv.export_layer(layer, slots))
+            if on_layer is not None:
+                on_layer(layer)
 
         return hook
 
