@@ -270,3 +270,17 @@ def test_cpu_kernel_and_torch_attention_paths_agree(tiny_model_dir):
         results.append(run(e))
         assert_no_leak(e)
     assert results[0] == results[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_engine_matches_cpu(tiny_model_dir):
+    prompts = random_prompts(6, seed=31)
+    results = []
+    for device in ("cpu", "cuda"):
+        e = make_engine(tiny_model_dir, device=device, max_num_batched_tokens=48)
+        for i, p in enumerate(prompts):
+            e.add_request(str(i), p, SamplingParams(max_tokens=8, **GREEDY))
+        results.append(run(e))
+        assert_no_leak(e)
+    assert results[0] == results[1]
