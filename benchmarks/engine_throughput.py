@@ -218,7 +218,7 @@ def main() -> None:
     )
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument(
-        "--hf-batch-sizes", default="8,16,32", type=lambda s: [int(x) for x in s.split(",")]
+        "--hf-batch-sizes", default="8,16,32,64", type=lambda s: [int(x) for x in s.split(",")]
     )
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="A B rounds for the batch-1 figures")

@@ -1,17 +1,127 @@
-"""A streaming OpenAI-completions client that times each request (TTFT, TPOT, E2E).
+"""A streaming OpenAI-completions client that times each token of a request.
 
-Used by the benchmarks against any OpenAI-compatible endpoint: tideserve, vLLM, llama-server.
+Used by `tideserve bench` and the benchmarks against any OpenAI-compatible endpoint: tideserve,
+vLLM, SGLang, llama-server. Lifecycle of one request: the caller notes its send time and calls
+``stream_request`` with a ready JSON body -> POST ``/v1/completions`` -> each SSE ``data:`` line
+is decoded; a chunk whose text is not empty stamps a token time; a ``usage`` chunk gives the
+server's own token counts; an ``error`` chunk or a non-200 status ends it as a failure -> a
+``StreamResult``. Nothing here raises for a failed request: the failure is in the result.
+
+``stream_completion``, ``RequestTiming``, ``percentile`` and ``summarize`` are the older, simple
+interface of ``benchmarks/serving.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
+import msgspec
+
+_JSON = {"Content-Type": "application/json"}
+_ERROR_BODY_CHARS = 500  # kept of a failed response's body
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    text: str | None = None
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: Any = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+
+@dataclass
+class StreamResult:
+    """What came back for one streamed request (times from ``time.perf_counter``)."""
+
+    status: int | None = None  # HTTP status; None when no response came
+    error: str | None = None  # why it failed; None when it succeeded
+    token_times_s: list[float] = field(default_factory=list)  # chunks that carried text
+    end_s: float = 0.0  # when the stream ended or failed
+    completion_tokens: int | None = None  # from the server's usage chunk, when sent
+    prompt_tokens: int | None = None  # from the server's usage chunk, when sent
+    finish_reason: str | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        """The server's count when it reports one, else the text chunks seen."""
+        if self.completion_tokens is not None:
+            return self.completion_tokens
+        return len(self.token_times_s)
+
+
+async def stream_request(
+    session: aiohttp.ClientSession, url: str, body: bytes, timeout_s: float = 600.0
+) -> StreamResult:
+    """POST a JSON completions body with ``"stream": true`` to ``url`` and time the tokens."""
+    res = StreamResult()
+    try:
+        async with session.post(
+            url, data=body, headers=_JSON, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
+            res.status = resp.status
+            if resp.status != 200:
+                text = await resp.text(errors="replace")
+                res.error = f"HTTP {resp.status}: {text[:_ERROR_BODY_CHARS]}"
+            else:
+                await _read_stream(resp, res)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+        res.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    res.end_s = time.perf_counter()
+    if res.error is None and not res.token_times_s:
+        res.error = "the stream ended without any token"
+    return res
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, res: StreamResult) -> None:
+    async for raw in resp.content:
+        if not raw.startswith(b"data:"):
+            continue
+        data = raw[5:].strip()
+        if data == b"[DONE]":
+            break
+        now = time.perf_counter()
+        try:
+            chunk = _decode_chunk(data)
+        except msgspec.DecodeError as e:
+            res.error = f"bad stream chunk ({e}): {data[:200].decode(errors='replace')}"
+            return
+        if chunk.error is not None:
+            res.error = f"error in stream: {str(chunk.error)[:_ERROR_BODY_CHARS]}"
+            return
+        if chunk.usage is not None:
+            res.prompt_tokens = chunk.usage.prompt_tokens
+            res.completion_tokens = chunk.usage.completion_tokens
+        if chunk.choices:
+            c = chunk.choices[0]
+            text = c.text if c.delta is None else c.delta.content
+            if text:
+                res.token_times_s.append(now)
+            if c.finish_reason is not None:
+                res.finish_reason = c.finish_reason
+
+
+# -- the older, simple interface ----------------------------------------------------------------
 
 
 @dataclass
@@ -48,30 +158,12 @@ async def stream_completion(
         **(extra or {}),
     }
     t0 = time.perf_counter()
-    ttft, n = None, 0
-    try:
-        async with session.post(
-            url + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
-        ) as resp:
-            if resp.status != 200:
-                return RequestTiming(0, 0, 0, f"HTTP {resp.status}: {(await resp.text())[:200]}")
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                obj = json.loads(line[6:])
-                if obj.get("usage"):
-                    n = obj["usage"]["completion_tokens"]
-                if (
-                    obj.get("choices")
-                    and ttft is None
-                    and obj["choices"][0].get("text") is not None
-                ):
-                    ttft = time.perf_counter() - t0
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        return RequestTiming(0, 0, 0, f"{type(e).__name__}: {e}")
-    e2e = time.perf_counter() - t0
-    return RequestTiming(ttft if ttft is not None else e2e, e2e, n)
+    res = await stream_request(
+        session, url + "/v1/completions", msgspec.json.encode(body), timeout_s
+    )
+    if res.error is not None:
+        return RequestTiming(0, 0, 0, res.error)
+    return RequestTiming(res.token_times_s[0] - t0, res.end_s - t0, res.num_output_tokens)
 
 
 def percentile(values: list[float], q: float) -> float:
