@@ -4,10 +4,11 @@
     python benchmarks/serving.py throughput   # 32 concurrent streams, 128-token prompts -> 128
 
 latency     N sequential streaming requests (128-token prompt, 64 output tokens) per mode;
-            medians of TTFT and TPOT, and disaggregated TTFT as a ratio of colocated. One
-            request at a time means one worker computes at a time, so every worker gets all
-            the cores (--num-threads = cores): the same compute per phase in both modes, as
-            one GPU per worker would give. --split-cores measures the cores split instead.
+            medians of TTFT and TPOT, and disaggregated TTFT as a ratio of colocated. The
+            cores are split between the workers (1 thread each for 1P+1D on 2 cores, 2 for
+            the colocated worker), so on a small CPU the disaggregated prefill has half the
+            compute; --all-cores gives every worker all the cores instead (they then contend).
+            benchmarks/kv_streaming_overhead.py isolates what the KV streaming itself costs.
 throughput  32 concurrent streaming clients, each a distinct 128-token prompt and exactly 128
             output tokens (ignore_eos), greedy; output tok/s and TTFT p50/p90 per mode. The peer
             on this machine, llama.cpp's llama-server with 32 slots, gives ~266 output tok/s
@@ -103,7 +104,7 @@ async def run_load(url: str, batch: list[list[int]], max_tokens: int, concurrenc
 def bench(kind: str, args) -> list[dict]:
     rows = []
     extra = ["--max-num-batched-tokens", str(args.max_batched)]
-    if kind == "latency" and not args.split_cores:
+    if kind == "latency" and args.all_cores:
         extra += ["--num-threads", str(os.cpu_count() or 1)]
     for r in range(args.rounds):
         for mode in ("colocated", "disaggregated"):
@@ -149,7 +150,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--n", type=int, default=10, help="requests per mode (latency)")
     ap.add_argument("--max-batched", type=int, default=1024, help="--max-num-batched-tokens")
-    ap.add_argument("--split-cores", action="store_true", help="latency: split cores per worker")
+    ap.add_argument("--all-cores", action="store_true", help="latency: all cores to every worker")
     args = ap.parse_args()
     prepare_default_model()
     rows = bench(args.kind, args)

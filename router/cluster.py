@@ -234,10 +234,19 @@ class Cluster:
                 w.pending_tokens = max(0, w.pending_tokens - n)
 
     def _send(self, worker_id: str, msg: Message) -> None:
+        """Queues `msg` for the worker; a send that fails (the worker is gone) is logged."""
+        what = type(msg).__name__
+
+        def check(fut: asyncio.Future) -> None:
+            if not fut.cancelled() and fut.exception() is not None:
+                log.warning("could not send %s to %s: %s", what, worker_id, fut.exception())
+
         try:
-            self.sock.send_multipart([worker_id.encode(), *encode(msg)], copy=False)
-        except zmq.ZMQError as e:  # the worker is gone
-            log.warning("could not send %s to %s: %s", type(msg).__name__, worker_id, e)
+            fut = self.sock.send_multipart([worker_id.encode(), *encode(msg)], copy=False)
+        except zmq.ZMQError as e:
+            log.warning("could not send %s to %s: %s", what, worker_id, e)
+            return
+        fut.add_done_callback(check)
 
     # -- incoming ------------------------------------------------------------------------------
 
