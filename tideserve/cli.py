@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+    except (ValueError, OSError, RuntimeError, TypeError) as e:
         print(f"tideserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

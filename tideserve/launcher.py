@@ -108,7 +108,18 @@ def worker_commands(cfg: ServeConfig, worker_address: str) -> list[list[str]]:
     return cmds
 
 
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(
+                f"cannot listen on {host}:{port} ({e.strerror}); pass another --port"
+            ) from None
+
+
 def serve(cfg: ServeConfig) -> int:
+    check_port_free(cfg.host, cfg.port)
     worker_address = f"tcp://127.0.0.1:{free_port()}"
     router_cmd = [
         sys.executable,

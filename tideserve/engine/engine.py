@@ -94,15 +94,9 @@ class LLMEngine:
         threads = config.num_threads or int(os.environ.get("TIDESERVE_NUM_THREADS", "0")) or None
         if threads:
             torch.set_num_threads(threads)
-        path = (
-            resolve_model_path(config.model)
-            if config.load_format != "dummy" or config.model
-            else None
-        )
-        if path is None:
-            raise ValueError(
-                "--load-format dummy needs --model pointing at a folder with config.json"
-            )
+        if config.load_format == "dummy" and config.model is None:
+            raise ValueError("--load-format dummy needs --model: a folder with a config.json")
+        path = resolve_model_path(config.model)
         mcfg = ModelConfig.from_dir(path)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, mcfg, device)
@@ -138,7 +132,7 @@ class LLMEngine:
             config.block_size,
             max_len,
         )
-        eos = frozenset(mcfg.eos_token_ids) | _generation_eos(path)
+        eos = frozenset(mcfg.eos_token_ids) | _generation_eos(path) | _tokenizer_eos(path)
         return cls(config, mcfg, path, scheduler, ModelRunner(model, kv, device), eos)
 
     # -- requests ----------------------------------------------------------------------------
@@ -328,6 +322,14 @@ class LLMEngine:
                 "it leaves no room for output; shorten the prompt"
             )
         return Sequence(request_id, ids, params, priority=priority, hold_kv=hold_kv)
+
+
+def _tokenizer_eos(path: Path) -> frozenset[int]:
+    if not (path / "tokenizer.json").is_file():
+        return frozenset()
+    from tideserve.engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path).eos_token_ids
 
 
 def _generation_eos(path: Path) -> frozenset[int]:

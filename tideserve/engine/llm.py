@@ -36,8 +36,6 @@ class LLM:
             raise TypeError(f"unknown LLM options {unknown}; valid: {sorted(names - {'model'})}")
         self.engine = LLMEngine.from_config(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = _load_tokenizer(self.engine)
-        if self.tokenizer is not None:
-            self.engine.eos_token_ids |= self.tokenizer.eos_token_ids
         self._ids = itertools.count()
 
     def encode(self, prompt: Prompt) -> list[int]:
