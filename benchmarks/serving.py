@@ -24,62 +24,20 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 
 from tideserve.bench.client import stream_completion, summarize
 from tideserve.engine.default_model import DEFAULT_MODEL_NAME, prepare_default_model
-from tideserve.launcher import free_port
+from tideserve.launcher import ServeProcess
 
 HERE = Path(__file__).resolve().parent
 
 
-class Serve:
-    def __init__(self, mode: str, dtype: str, extra: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "tideserve.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--mode",
-            mode,
-            "--port",
-            str(self.port),
-            "--dtype",
-            dtype,
-            *extra,
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-
-    def __enter__(self) -> Serve:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("tideserve serve exited early")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError("server not ready")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def Serve(mode: str, dtype: str, extra: list[str]) -> ServeProcess:
+    return ServeProcess("--mode", mode, "--dtype", dtype, *extra, capture=False)
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:

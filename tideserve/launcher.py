@@ -212,3 +212,60 @@ def _stop_all(children: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             c.kill()
             c.wait()
+
+
+class ServeProcess:
+    """`tideserve serve ARGS` as a child process, for tests and benchmarks.
+
+    `start()` launches it on a free port and waits until /health answers 200 (raising with the
+    tail of its output if it exits first); `stop()` sends SIGINT, as Ctrl-C would. `children`
+    holds the router's and workers' processes (as psutil objects) once it is ready.
+    """
+
+    def __init__(self, *args: str, capture: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "tideserve.cli", "serve", "--port", str(self.port), *args]
+        self.capture = capture
+        self.proc: subprocess.Popen | None = None
+        self.children: list = []
+
+    def start(self, timeout_s: float = 300.0) -> ServeProcess:
+        out = subprocess.PIPE if self.capture else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.proc.stdout.read()[-4000:] if self.capture else ""
+                raise RuntimeError(
+                    f"tideserve serve exited early (code {self.proc.returncode}):\n{tail}"
+                )
+            if _healthy(self.url):
+                import psutil
+
+                self.children = psutil.Process(self.proc.pid).children(recursive=True)
+                return self
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"tideserve serve not ready in {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def leftover_children(self) -> list:
+        import psutil
+
+        return [c for c in self.children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+    def __enter__(self) -> ServeProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -9,61 +9,20 @@ model's scale: every request must succeed with the exact prompt and output lengt
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
+
+from tideserve.launcher import ServeProcess
 
 pytestmark = pytest.mark.slow
 
 
-class Server:
-    def __init__(self) -> None:
-        from tideserve.launcher import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "tideserve.cli", "serve", "--mode", "colocated"]
-        cmd += ["--port", str(self.port), "--dtype", "bfloat16"]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited early:\n{self.proc.stdout.read()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("server not ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server():
-    srv = Server()
-    try:
-        srv.wait_ready()
+    with ServeProcess("--mode", "colocated", "--dtype", "bfloat16") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_bench_replays_a_trace_against_tideserve_serve(server, tmp_path):

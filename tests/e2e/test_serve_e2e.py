@@ -11,14 +11,13 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
-import psutil
 import pytest
+
+from tideserve.launcher import ServeProcess
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
@@ -30,12 +29,6 @@ PROMPTS = [
     "List three colors:",
     "In 1905, Albert Einstein",
 ]
-
-
-def _free_port() -> int:
-    from tideserve.launcher import free_port
-
-    return free_port()
 
 
 def _get(url: str, timeout: float = 5.0):
@@ -71,65 +64,29 @@ def greedy_text(offline, prompt, max_tokens: int) -> tuple[str, list[int]]:
     return out.text, out.token_ids
 
 
-class Server:
-    def __init__(self, mode: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "tideserve.cli",
-            "serve",
-            "--mode",
-            mode,
-            "--port",
-            str(self.port),
-            "--dtype",
-            "float32",
-            "--kv-cache-bytes",
-            str(128 << 20),
-            "--max-num-batched-tokens",
-            "512",
-        ]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.children: list[psutil.Process] = []
-
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited early:\n{self.proc.stdout.read()[-4000:]}")
-            try:
-                if _get(self.url + "/health", 1)[0] == 200:
-                    self.children = psutil.Process(self.proc.pid).children(recursive=True)
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("server not ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def Server(mode: str) -> ServeProcess:
+    return ServeProcess(
+        "--mode",
+        mode,
+        "--dtype",
+        "float32",
+        "--kv-cache-bytes",
+        str(128 << 20),
+        "--max-num-batched-tokens",
+        "512",
+    )
 
 
 @pytest.fixture(scope="module", params=["disaggregated", "colocated"])
 def server(request):
     srv = Server(request.param)
     try:
-        srv.wait_ready()
+        srv.start()
         yield srv
     finally:
         srv.stop()
-    alive = [c for c in srv.children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"child processes left running: {alive}"
+    time.sleep(0.5)
+    assert not srv.leftover_children(), "child processes left running"
 
 
 @pytest.fixture
@@ -298,13 +255,11 @@ def test_metrics_exposed(server, client):
 def test_no_orphans_after_sigterm():
     srv = Server("disaggregated")
     try:
-        srv.wait_ready()
-        children = srv.children
-        assert len(children) >= 3
+        srv.start()
+        assert len(srv.children) >= 3
         srv.proc.send_signal(signal.SIGTERM)
         srv.proc.wait(30)
     finally:
         srv.stop()
     time.sleep(0.5)
-    alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert not alive
+    assert not srv.leftover_children()

@@ -1,24 +1,21 @@
 """`tideserve serve` as real processes on a tiny random model: fast, in the default suite.
 
-Greedy output through the router equals the offline engine's tokens in both modes, and a
-KV transfer over each transport (shm between local workers, tcp when forced) lands intact.
+Greedy output through the router equals the offline engine's tokens in both modes (the
+disaggregated one moves each prompt's KV from the prefill to the decode worker over shm), and
+stopping the server leaves no process behind.
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
-import psutil
 import pytest
 
 from tests.factories import make_tiny_model, make_tiny_tokenizer
-from tideserve.launcher import free_port
+from tideserve.launcher import ServeProcess
 
 
 @pytest.fixture(scope="module")
@@ -51,43 +48,22 @@ def test_serve_tiny_model_matches_offline(tiny_dir, mode):
         )
     ]
 
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "tideserve.cli",
-        "serve",
+    srv = ServeProcess(
         "--model",
         str(tiny_dir),
         "--mode",
         mode,
-        "--port",
-        str(port),
         "--dtype",
         "float32",
         "--kv-cache-bytes",
         str(1 << 24),
         "--served-model-name",
         "tiny",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    children = []
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "not ready in 120 s"
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
-        children = psutil.Process(proc.pid).children(recursive=True)
+    )
+    with srv:
         for prompt, ids in zip(prompts, expected):
             status, body = post(
-                url + "/v1/completions",
+                srv.url + "/v1/completions",
                 {
                     "model": "tiny",
                     "prompt": prompt,
@@ -99,8 +75,5 @@ def test_serve_tiny_model_matches_offline(tiny_dir, mode):
             assert status == 200, body
             assert body["choices"][0]["text"] == llm.tokenizer.decode(ids), prompt
             assert body["usage"]["completion_tokens"] == 12
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
     time.sleep(0.3)
-    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not srv.leftover_children()
