@@ -19,6 +19,8 @@ from tideserve.bench.runner import RunConfig, replay
 from tideserve.bench.traces import TraceRequest
 from tideserve.bench.transforms import scale_time
 
+pytestmark = pytest.mark.usefixtures("quiet_gc")
+
 
 async def run(cfg: FakeServerConfig, trace, slo: Slo | None = None, **kw):
     server = FakeServer(cfg)

@@ -37,6 +37,9 @@ from tideserve.protocol import (
 MODEL = "tiny"
 
 
+pytestmark = pytest.mark.usefixtures("quiet_gc")
+
+
 class FakeWorker:
     """A colocated worker: answers each GenerateRequest with `reply(msg)` token lists."""
 
