@@ -44,17 +44,22 @@ static void decode_attention_impl(
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), sc_buf;
+    std::vector<int64_t> slot_of;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KVH, kh = task % KVH, L = lp[b];
       sc_buf.resize(G * L);
+      slot_of.resize(L);
+      for (int64_t blk = 0, pos = 0; pos < L; ++blk) {
+        const int64_t base = tp[b * NB + blk] * block_size;
+        for (int64_t i = 0; i < block_size && pos < L; ++i, ++pos) slot_of[pos] = base + i;
+      }
       for (int64_t g = 0; g < G; ++g) {
         const T* qh = qp + (b * H + kh * G + g) * D;
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(qh[d]) * sc;
       }
       // pass 1: scores [G, L]
       for (int64_t pos = 0; pos < L; ++pos) {
-        const int64_t slot = tp[b * NB + pos / block_size] * block_size + pos % block_size;
-        const T* kr = kp + (kh * S + slot) * D;
+        const T* kr = kp + (kh * S + slot_of[pos]) * D;
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * D;
           float dot = 0.f;
@@ -78,8 +83,7 @@ static void decode_attention_impl(
       // pass 3: weighted sum of V
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t pos = 0; pos < L; ++pos) {
-        const int64_t slot = tp[b * NB + pos / block_size] * block_size + pos % block_size;
-        const T* vr = vp + (kh * S + slot) * D;
+        const T* vr = vp + (kh * S + slot_of[pos]) * D;
         for (int64_t g = 0; g < G; ++g) {
           float* ag = acc.data() + g * D;
           const float p = sc_buf[g * L + pos];
@@ -126,7 +130,7 @@ def load():
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="tideserve_cpu_kernels_v2",
+                name="tideserve_cpu_kernels_v3",
                 cpp_sources=[_SOURCE],
                 functions=["paged_decode_attention"],
                 # NOTE: -ffast-math lets the exp loop use glibc's vector exp (libmvec); the
