@@ -1,10 +1,12 @@
-"""Paged attention in plain torch, for one layer of a flattened mixed batch.
+"""Paged attention for one layer of a flattened mixed batch.
 
-A step's tokens are laid out as [decode tokens (one per sequence) | prefill chunks]. Decodes,
-sorted by context length, attend in a few padded groups of similar lengths (so a short
-sequence does not pay for the longest one's padding); each prefill chunk
-attends on its own with a causal mask offset by the tokens already in its cache. A sequence
-therefore runs the same kernels whatever else is in the batch (batch invariance).
+A step's tokens are laid out as [decode tokens (one per sequence) | prefill chunks]. On the
+CPU, decodes go through the fused C++ kernel (`cpu_kernels.py`), which walks each block table
+in place. Otherwise (CUDA, or no compiler) they attend in torch: sorted by context length, in
+a few padded groups of similar lengths (so a short sequence does not pay for the longest
+one's padding). Each prefill chunk attends on its own with SDPA and a causal mask offset by
+the tokens already in its cache. A sequence therefore runs the same kernels whatever else is
+in the batch (batch invariance).
 
 One layer's cache is [2 (k, v), kvh, S (slots), hd] with S = num_blocks * block_size. Reads
 gather whole blocks (block_size * hd contiguous values each), which yields [2, kvh, B*L, hd]
