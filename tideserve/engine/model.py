@@ -70,8 +70,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: normalize in float32, scale in the model dtype: HF's order of operations.
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        # NOTE: rms_norm accumulates in float32 and rounds once, as HF does; the weight then
+        # scales in the model dtype, also as HF does.
+        return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
 
 
 class Attention(nn.Module):
