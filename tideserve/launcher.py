@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -231,14 +232,16 @@ class ServeProcess:
         self.children: list = []
 
     def start(self, timeout_s: float = 300.0) -> ServeProcess:
-        out = subprocess.PIPE if self.capture else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        # NOTE: a file, not a pipe: a chatty server must never block on a full pipe buffer
+        self._log = tempfile.TemporaryFile("w+") if self.capture else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = self.proc.stdout.read()[-4000:] if self.capture else ""
                 raise RuntimeError(
-                    f"tideserve serve exited early (code {self.proc.returncode}):\n{tail}"
+                    f"tideserve serve exited early (code {self.proc.returncode}):\n{self.output()}"
                 )
             if _healthy(self.url):
                 import psutil
@@ -248,6 +251,13 @@ class ServeProcess:
             time.sleep(0.3)
         self.stop()
         raise TimeoutError(f"tideserve serve not ready in {timeout_s:.0f} s")
+
+    def output(self, max_chars: int = 4000) -> str:
+        """The tail of what the server printed (empty when not captured)."""
+        if not self.capture or self.proc is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read()[-max_chars:]
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
