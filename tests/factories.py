@@ -102,3 +102,15 @@ def make_tiny_tokenizer(path: Path) -> Path:
     config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": template}
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
+
+
+def run_engine(engine, max_steps: int = 20_000) -> dict[str, list[int]]:
+    """Steps `engine` until it has no work; returns each finished request's output tokens."""
+    done = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return done
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.token_ids)
+    raise AssertionError("engine did not finish")

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from tests.factories import run_engine as run
 from tideserve import LLM, SamplingParams
 from tideserve.config import EngineConfig
 from tideserve.engine.engine import LLMEngine
@@ -24,17 +25,6 @@ def mixed_prompts(llm, n: int = 16) -> list[list[int]]:
     words = "the a river mountain code light seven quickly blue engine sings under".split()
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 120))) for _ in range(n)]
     return [llm.encode(t) for t in texts]
-
-
-def run(engine: LLMEngine) -> dict[str, list[int]]:
-    done = {}
-    for _ in range(20_000):
-        if not engine.has_unfinished():
-            return done
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.token_ids)
-    raise AssertionError("engine did not finish")
 
 
 def test_default_model_answers(llm):

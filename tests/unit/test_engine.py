@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.factories import make_tiny_model
+from tests.factories import run_engine as run
 from tideserve.config import EngineConfig
 from tideserve.engine.engine import LLMEngine
 from tideserve.engine.llm import LLM
@@ -19,17 +20,6 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 def make_engine(path, **kw) -> LLMEngine:
     kw.setdefault("kv_cache_bytes", 1 << 22)
     return LLMEngine.from_config(EngineConfig(model=str(path), **kw))
-
-
-def run(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list[int]]:
-    done = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            return done
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.token_ids)
-    raise AssertionError("engine did not finish")
 
 
 def assert_no_leak(engine: LLMEngine) -> None:

@@ -23,6 +23,7 @@ from kv_transfer import (
     make_receiver,
     make_sender,
 )
+from tests.factories import run_engine
 from tideserve.config import EngineConfig
 from tideserve.engine.engine import LLMEngine
 from tideserve.engine.sequence import SamplingParams
@@ -382,17 +383,6 @@ def test_choose_transport():
 # -- two engines -------------------------------------------------------------------------------
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def run_engine(engine: LLMEngine, max_steps: int = 1000) -> dict[str, list[int]]:
-    done = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            return done
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.token_ids)
-    raise AssertionError("engine did not finish")
 
 
 def prefill(engine: LLMEngine, rid: str, prompt: list[int]) -> tuple[int, list[torch.Tensor]]:
