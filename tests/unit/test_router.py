@@ -227,18 +227,25 @@ async def test_stop_string_ends_text_and_aborts_worker(tokenizer_dir, tok):
 
 
 async def test_refusal_and_dead_worker_are_redispatched(tokenizer_dir, tok):
-    async with router(tokenizer_dir, heartbeat_timeout_s=0.5) as (r, client, addr):
+    async with router(tokenizer_dir, heartbeat_timeout_s=1.5) as (r, client, addr):
         bad = FakeWorker(addr, "a-refuses", [], fail="no room")
         good = FakeWorker(addr, "b-good", tok.encode("ok"))
         await bad.start()
         await good.start()
         try:
             await wait_ready(client)
+            for _ in range(100):  # both must have said Hello, or the refusal has nowhere to go
+                if len(r.cluster.workers) == 2:
+                    break
+                await asyncio.sleep(0.05)
             for _ in range(3):
                 resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
                 assert (await resp.json())["choices"][0]["text"] == "ok"
             good.beating = False  # b goes silent: dropped after the heartbeat timeout
-            await asyncio.sleep(1.0)
+            for _ in range(60):
+                if "b-good" not in r.cluster.workers:
+                    break
+                await asyncio.sleep(0.1)
             assert "b-good" not in r.cluster.workers
             resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
             assert resp.status == 503  # only the refusing worker is left
