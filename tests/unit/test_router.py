@@ -255,15 +255,18 @@ async def test_refusal_and_dead_worker_are_redispatched(tokenizer_dir, tok):
 
 
 async def test_inflight_limit_is_429(tokenizer_dir, tok):
-    async with router(tokenizer_dir, max_inflight_requests=1) as (_, client, addr):
-        w = FakeWorker(addr, "w0", tok.encode("slow text"), delay_s=0.05)
+    async with router(tokenizer_dir, max_inflight_requests=1) as (r, client, addr):
+        w = FakeWorker(addr, "w0", tok.encode("slow text"), delay_s=0.2)
         await w.start()
         try:
             await wait_ready(client)
             first = asyncio.create_task(
                 client.post("/v1/completions", json={"model": MODEL, "prompt": "a"})
             )
-            await asyncio.sleep(0.1)
+            for _ in range(100):
+                if r.inflight == 1:
+                    break
+                await asyncio.sleep(0.02)
             resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "b"})
             assert resp.status == 429 and resp.headers["Retry-After"]
             assert (await first).status == 200
