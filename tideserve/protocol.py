@@ -253,10 +253,6 @@ def _buffer(frame) -> memoryview:
 _ITEMSIZE = {"bfloat16": 2}
 
 
-def tensor_meta(array: np.ndarray, dtype: str | None = None) -> TensorMeta:
-    return TensorMeta(dtype or array.dtype.name, tuple(int(d) for d in array.shape))
-
-
 def meta_nbytes(meta: TensorMeta) -> int:
     itemsize = _ITEMSIZE.get(meta.dtype) or np.dtype(meta.dtype).itemsize
     return int(np.prod(meta.shape, dtype=np.int64)) * itemsize

@@ -27,10 +27,8 @@ def meta_of(t: torch.Tensor) -> TensorMeta:
 
 def to_frame(t: torch.Tensor) -> tuple[TensorMeta, np.ndarray]:
     """Meta and a contiguous CPU numpy view of `t` (copied only if non-contiguous or on GPU)."""
-    if t.dtype not in _NAMES:
-        raise ValueError(f"unsupported tensor dtype {t.dtype}")
+    meta = meta_of(t)
     t = t.detach().to("cpu").contiguous()
-    meta = TensorMeta(_NAMES[t.dtype], tuple(t.shape))
     if t.dtype == torch.bfloat16:
         return meta, t.view(torch.int16).numpy()
     return meta, t.numpy()

@@ -120,14 +120,14 @@ class WorkerLoop:
         step: Callable[[], bool],
         stats: Callable[[], Heartbeat],
         extra_sockets: list[zmq.Socket] = (),
-        on_idle: Callable[[], None] = lambda: None,
+        on_poll: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg = cfg
         self.link = link
         self.handlers = handlers
         self.step = step
         self.stats = stats
-        self.on_idle = on_idle
+        self.on_poll = on_poll
         self.poller = zmq.Poller()
         for s in [link.sock, *extra_sockets]:
             self.poller.register(s, zmq.POLLIN)
@@ -151,7 +151,7 @@ class WorkerLoop:
                     log.warning("ignoring unexpected %s", type(msg).__name__)
                     continue
                 handler(msg)
-            self.on_idle()
+            self.on_poll()
             busy = self.step()
             self.heartbeat()
 

@@ -14,6 +14,7 @@ joins the running batch; `abort` at any point frees the blocks.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -132,7 +133,7 @@ class LLMEngine:
             config.block_size,
             max_len,
         )
-        eos = frozenset(mcfg.eos_token_ids) | _generation_eos(path) | _tokenizer_eos(path)
+        eos = frozenset(mcfg.eos_token_ids) | _extra_eos(path)
         return cls(config, mcfg, path, scheduler, ModelRunner(model, kv, device), eos)
 
     # -- requests ----------------------------------------------------------------------------
@@ -324,17 +325,13 @@ class LLMEngine:
         return Sequence(request_id, ids, params, priority=priority, hold_kv=hold_kv)
 
 
-def _tokenizer_eos(path: Path) -> frozenset[int]:
-    if not (path / "tokenizer.json").is_file():
-        return frozenset()
-    from tideserve.engine.tokenizer import Tokenizer
+def _extra_eos(path: Path) -> frozenset[int]:
+    """End-of-sequence ids beyond config.json's: the tokenizer's (which already include
+    generation_config.json's), or generation_config.json's alone for a folder without one."""
+    if (path / "tokenizer.json").is_file():
+        from tideserve.engine.tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(path).eos_token_ids
-
-
-def _generation_eos(path: Path) -> frozenset[int]:
-    import json
-
+        return Tokenizer.from_dir(path).eos_token_ids
     gen = path / "generation_config.json"
     if not gen.is_file():
         return frozenset()
