@@ -26,6 +26,7 @@ from tideserve.protocol import (
     RequestFailed,
     TokenChunk,
 )
+from tideserve.security import load_curve_keys, start_authenticator
 from tideserve.worker import (
     RouterLink,
     WorkerConfig,
@@ -52,7 +53,14 @@ class DecodeWorker:
         if cfg.role == "colocated":
             handlers[GenerateRequest] = self.handle_generate
         self.loop = WorkerLoop(
-            cfg, link, handlers, self.step, self.stats, receiver.sockets, self.poll_kv
+            cfg,
+            link,
+            handlers,
+            self.step,
+            self.stats,
+            receiver.sockets,
+            self.poll_kv,
+            self.drop_all,
         )
 
     # -- router messages ---------------------------------------------------------------------
@@ -68,6 +76,12 @@ class DecodeWorker:
         self.aborted[msg.request_id] = time.monotonic()
         self.importing.discard(msg.request_id)
         self.engine.abort(msg.request_id)
+
+    def drop_all(self) -> None:
+        for rid in list(self.importing):  # a refusing ack lets the sender free it now
+            self._fail_import(rid, "the decode worker rejoined the router")
+        for rid in list(self.engine.seqs):
+            self.handle_abort(AbortRequest(rid))
 
     # -- KV from prefill workers -------------------------------------------------------------
 
@@ -150,13 +164,20 @@ class DecodeWorker:
 def run(cfg: WorkerConfig) -> None:
     import zmq
 
+    keys = load_curve_keys(cfg.curve_keys)  # before the engine loads: a bad dir fails fast
     engine = LLMEngine.from_config(cfg.engine)
     ctx = zmq.Context()
+    auth = start_authenticator(ctx, keys) if keys else None
     transports = tuple(t for t in cfg.kv_transports if t in ("shm", "tcp")) or ("tcp",)
     receiver = make_receiver(
-        transports[0], ctx, bind_host=cfg.host, port=cfg.kv_port, timeout_s=cfg.kv_timeout_s
+        transports[0],
+        ctx,
+        bind_host=cfg.host,
+        port=cfg.kv_port,
+        timeout_s=cfg.kv_timeout_s,
+        curve=keys,
     )
-    link = RouterLink(ctx, cfg.router_address, cfg.resolved_id)
+    link = RouterLink(ctx, cfg.router_address, cfg.resolved_id, keys)
     worker = DecodeWorker(cfg, engine, link, receiver)
     worker.loop.install_signal_handlers()
     link.handshake(make_hello(cfg, engine, receiver.address, transports), cfg.connect_timeout_s)
@@ -168,4 +189,6 @@ def run(cfg: WorkerConfig) -> None:
             engine.abort(rid)
         worker.loop.say_goodbye("stopping")
         receiver.close()
+        if auth is not None:
+            auth.stop()
         ctx.destroy(linger=500)

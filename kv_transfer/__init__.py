@@ -32,6 +32,7 @@ from kv_transfer.sender import Sender
 from kv_transfer.shm import SHM_PREFIX, ShmSegments
 from kv_transfer.tcp import InlinePayload, ZmqLink
 from tideserve.policy.routing import choose_kv_transport as choose_transport
+from tideserve.security import CurveKeys
 
 TRANSPORTS = ("tcp", "shm", "fake")
 
@@ -64,11 +65,13 @@ def make_sender(
     max_inflight_bytes: int = 1 << 30,
     shm_prefix: str = SHM_PREFIX,
     shm_pool_bytes: int = 256 << 20,
+    curve: CurveKeys | None = None,
 ) -> KVSender:
     """A sender whose ack socket binds at bind_host:port (0 = any free port). shm keeps acked
-    segments up to `shm_pool_bytes` for reuse (0: unlink each one at its ack)."""
+    segments up to `shm_pool_bytes` for reuse (0: unlink each one at its ack). With `curve`,
+    ctx must run an authenticator (tideserve.security.start_authenticator)."""
     _check_transport(transport)
-    link = _make_link(transport, ctx, bind_host, port, advertise_host, send_hwm=0)
+    link = _make_link(transport, ctx, bind_host, port, advertise_host, 0, curve)
     if transport == "shm":
         payload = ShmSegments(shm_prefix, shm_pool_bytes)
     else:
@@ -84,10 +87,12 @@ def make_receiver(
     port: int = 0,
     advertise_host: str | None = None,
     timeout_s: float = 30.0,
+    curve: CurveKeys | None = None,
 ) -> KVReceiver:
-    """A receiver bound at bind_host:port (0 = any free port); see `.address`."""
+    """A receiver bound at bind_host:port (0 = any free port); see `.address`. With `curve`,
+    ctx must run an authenticator (tideserve.security.start_authenticator)."""
     _check_transport(transport)
-    link = _make_link(transport, ctx, bind_host, port, advertise_host, send_hwm=10_000)
+    link = _make_link(transport, ctx, bind_host, port, advertise_host, 10_000, curve)
     return Receiver(link, timeout_s=timeout_s)
 
 
@@ -96,8 +101,8 @@ def _check_transport(transport: str) -> None:
         raise ValueError(f"unknown KV transport {transport!r}; choose one of {TRANSPORTS}")
 
 
-def _make_link(transport, ctx, bind_host, port, advertise_host, send_hwm: int):
+def _make_link(transport, ctx, bind_host, port, advertise_host, send_hwm: int, curve):
     if transport == "fake":
         return InProcLink()
     ctx = ctx or zmq.Context.instance()
-    return ZmqLink(ctx, bind_host, port, advertise_host, send_hwm=send_hwm)
+    return ZmqLink(ctx, bind_host, port, advertise_host, send_hwm=send_hwm, curve=curve)

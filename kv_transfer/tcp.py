@@ -19,14 +19,20 @@ import zmq
 
 from kv_transfer.base import KVTransferError
 from tideserve.protocol import KVBegin, KVLayer, TensorMeta
+from tideserve.security import CurveKeys, make_client, make_server, warn_if_exposed
 
 log = logging.getLogger(__name__)
 
 _WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "")
+# NOTE: peers name the address to answer (KVBegin.reply_address): a socket kept for every name
+# a hostile peer sends would exhaust the file descriptors, so the least recently used goes
+MAX_OUTBOXES = 128
 
 
 class ZmqLink:
-    """A bound PULL inbox (`address`) and lazily connected PUSH outboxes, one per peer."""
+    """A bound PULL inbox (`address`) and lazily connected PUSH outboxes, one per peer. With
+    `curve` the inbox is a CURVE server and the outboxes its clients; the context must run an
+    authenticator (tideserve.security.start_authenticator), or the inbox admits no one."""
 
     def __init__(
         self,
@@ -36,13 +42,18 @@ class ZmqLink:
         advertise_host: str | None = None,
         send_hwm: int = 0,
         linger_ms: int = 200,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.ctx = ctx
+        self.curve = curve
         self.send_hwm = send_hwm  # messages queued per peer; 0 = unbounded
         self.linger_ms = linger_ms  # how long close() lets queued messages (aborts) drain
         self.inbox = ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.RCVHWM, 0)
         self.inbox.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            make_server(self.inbox, curve)
+        warn_if_exposed("a KV socket", bind_host, curve is not None, "CURVE")
         self.address = self._bind(bind_host, port, advertise_host)
         self.sockets = [self.inbox]
         self._outboxes: dict[str, zmq.Socket] = {}
@@ -63,7 +74,8 @@ class ZmqLink:
 
     def send(self, address: str, frames: list) -> None:
         """Queues one multipart message for `address`; raises KVTransferError, never blocks."""
-        sock = self._outboxes.get(address) or self._connect(address)
+        sock = self._outboxes.pop(address, None) or self._connect(address)
+        self._outboxes[address] = sock  # most recently used last
         try:
             sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -72,11 +84,20 @@ class ZmqLink:
             raise KVTransferError(f"cannot send to {address}: {e}") from None
 
     def _connect(self, address: str) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.PUSH)
+        if not address.startswith("tcp://"):  # NOTE: an inproc peer that never binds is held
+            raise KVTransferError(f"not a tcp:// address: {address!r}")  # until the context ends
+        while len(self._outboxes) >= MAX_OUTBOXES:  # what it still queues is dropped
+            self._outboxes.pop(next(iter(self._outboxes))).close(0)
+        try:
+            sock = self.ctx.socket(zmq.PUSH)
+        except zmq.ZMQError as e:  # out of file descriptors or sockets
+            raise KVTransferError(f"cannot open a socket to {address!r}: {e}") from None
         sock.setsockopt(zmq.SNDHWM, self.send_hwm)
         sock.setsockopt(zmq.LINGER, self.linger_ms)
         if address.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
+        if self.curve is not None:
+            make_client(sock, self.curve)
         try:
             sock.connect(address)
         except zmq.ZMQError as e:

@@ -25,6 +25,7 @@ from tideserve.protocol import (
     RequestFailed,
     TokenChunk,
 )
+from tideserve.security import load_curve_keys, start_authenticator
 from tideserve.tensor_frames import meta_of
 from tideserve.worker import (
     RouterLink,
@@ -46,10 +47,12 @@ class PrefillWorker:
         self.link = link
         self.senders = senders  # transport name -> KVSender
         self.requests: dict[str, PrefillRequest] = {}
-        self.streaming: set[str] = set()  # KVBegin sent, KVDone/KVAbort not yet
+        self.streaming: dict[str, str] = {}  # KVBegin sent, no ack yet: request id -> transport
         socks = [s for snd in senders.values() for s in snd.sockets]
         handlers = {PrefillRequest: self.handle_prefill, AbortRequest: self.handle_abort}
-        self.loop = WorkerLoop(cfg, link, handlers, self.step, self.stats, socks, self.poll_acks)
+        self.loop = WorkerLoop(
+            cfg, link, handlers, self.step, self.stats, socks, self.poll_acks, self.drop_all
+        )
 
     def handle_prefill(self, msg: PrefillRequest) -> None:
         if msg.kv_transport not in self.senders:
@@ -76,11 +79,15 @@ class PrefillWorker:
 
     def handle_abort(self, msg: AbortRequest) -> None:
         rid = msg.request_id
-        req = self.requests.pop(rid, None)
+        self.requests.pop(rid, None)
         self.engine.abort(rid)
-        if req is not None and rid in self.streaming:
-            self.streaming.discard(rid)
-            self.senders[req.kv_transport].abort(rid, "aborted by the router")
+        transport = self.streaming.pop(rid, None)
+        if transport is not None:  # before or after its first token: the receiver frees it too
+            self.senders[transport].abort(rid, "aborted by the router")
+
+    def drop_all(self) -> None:
+        for rid in {*self.requests, *self.streaming}:
+            self.handle_abort(AbortRequest(rid))
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -114,7 +121,7 @@ class PrefillWorker:
             except KVBackpressure as e:
                 log.warning("request %s: %s", rid, e)
                 return
-            self.streaming.add(rid)
+            self.streaming[rid] = req.kv_transport
         if rid in self.streaming:
             sender.send_layer(rid, layer, kv)
 
@@ -149,7 +156,7 @@ class PrefillWorker:
         if reason is None:
             sender.done(rid, [token])
         else:
-            self.streaming.discard(rid)
+            self.streaming.pop(rid, None)
             sender.abort(rid, "finished at its first token")
 
     # -- acks ----------------------------------------------------------------------------------
@@ -158,11 +165,11 @@ class PrefillWorker:
         now = time.monotonic()
         for sender in self.senders.values():
             for ack in sender.poll_acks():
-                self.streaming.discard(ack.request_id)
+                self.streaming.pop(ack.request_id, None)
                 if not ack.ok:
                     self._fail(ack.request_id, ack.reason or "KV refused", retryable=True)
             for rid in sender.expired(now):
-                self.streaming.discard(rid)
+                self.streaming.pop(rid, None)
                 self._fail(rid, "KV transfer to the decode worker timed out", retryable=True)
 
     def _fail(self, rid: str, message: str, retryable: bool = False) -> None:
@@ -176,13 +183,15 @@ class PrefillWorker:
 def run(cfg: WorkerConfig) -> None:
     import zmq
 
+    keys = load_curve_keys(cfg.curve_keys)  # before the engine loads: a bad dir fails fast
     engine = LLMEngine.from_config(cfg.engine)
     ctx = zmq.Context()
+    auth = start_authenticator(ctx, keys) if keys else None
     senders = {
-        t: make_sender(t, ctx, bind_host=cfg.host, timeout_s=cfg.kv_timeout_s)
+        t: make_sender(t, ctx, bind_host=cfg.host, timeout_s=cfg.kv_timeout_s, curve=keys)
         for t in ("tcp", "shm")
     }
-    link = RouterLink(ctx, cfg.router_address, cfg.resolved_id)
+    link = RouterLink(ctx, cfg.router_address, cfg.resolved_id, keys)
     worker = PrefillWorker(cfg, engine, link, senders)
     worker.loop.install_signal_handlers()
     link.handshake(make_hello(cfg, engine, "", ()), cfg.connect_timeout_s)
@@ -195,4 +204,6 @@ def run(cfg: WorkerConfig) -> None:
         worker.loop.say_goodbye("stopping")
         for s in senders.values():
             s.close()
+        if auth is not None:
+            auth.stop()
         ctx.destroy(linger=500)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from router.auth import api_key_middleware
 from router.cluster import Cluster, NoCapacity, Stream
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
@@ -35,9 +36,11 @@ from router.openai_api import (
     usage,
     usage_chunk,
 )
+from router.openapi import openapi_schema
 from tideserve.engine.stop import StopChecker
 from tideserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tideserve.protocol import RequestFailed, TokenChunk
+from tideserve.security import load_curve_keys, warn_if_exposed
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
@@ -50,27 +53,33 @@ class Router:
         self.tokenizer = tokenizer
         self.cluster = cluster
         self.model = cfg.served_model_name or Path(cfg.model_path).name
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(lambda: cluster.events)
         self.created = int(time.time())
         self.inflight = 0
+        self.inflight_by_class = dict.fromkeys(cfg.admission_limits, 0)
 
     # -- plumbing ------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self.errors])
+        middlewares = [self.errors]  # outermost first: 401s are counted in the metrics too
+        if self.cfg.api_key:
+            middlewares.append(api_key_middleware(self.cfg.api_key, self.cfg.protect_metrics))
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=middlewares)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/cluster", self.cluster_state)
+        app.router.add_get("/openapi.json", self.openapi)
         app.on_startup.append(lambda _: self.cluster.start())
         app.on_cleanup.append(lambda _: self.cluster.close())
         return app
 
     @web.middleware
     async def errors(self, request: web.Request, handler):
-        endpoint = request.path
+        resource = request.match_info.route.resource  # NOTE: not the raw path, which a client
+        endpoint = resource.canonical if resource is not None else "unmatched"  # could vary
         try:
             resp = await handler(request)
         except ApiError as e:
@@ -104,9 +113,19 @@ class Router:
         body = self.metrics.render(list(self.cluster.workers.values()))
         return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_schema(self.cfg.max_body_bytes))
+
     async def cluster_state(self, request: web.Request) -> web.Response:
         workers = [w.as_json() for w in self.cluster.workers.values()]
-        return web.json_response({"workers": workers, "requests_inflight": self.inflight})
+        return web.json_response(
+            {
+                "workers": workers,
+                "requests_inflight": self.inflight,
+                "requests_inflight_by_class": self.inflight_by_class,
+                "requests_parked": len(self.cluster.parked),
+            }
+        )
 
     # -- the two generation endpoints ----------------------------------------------------------
 
@@ -127,10 +146,9 @@ class Router:
                 "model",
                 "model_not_found",
             )
+        self._admit(spec.slo_class)  # before any costly work: a rejection must be cheap
         prompt_ids = self._tokenize(spec)
         max_tokens = self._check_length(spec, len(prompt_ids))
-        if self.inflight >= self.cfg.max_inflight_requests:
-            raise _overloaded(429, "too many requests in flight; retry shortly")
         rid = f"{prefix}-{uuid.uuid4().hex}"
         current_request_id.set(rid)
         stream = Stream(rid, prompt_ids, spec.params(max_tokens), spec.priority)
@@ -139,6 +157,7 @@ class Router:
         except NoCapacity as e:
             raise _overloaded(503, f"no worker is ready to serve this request: {e}") from None
         self.inflight += 1
+        self.inflight_by_class[spec.slo_class] += 1
         gen = self._events(stream, spec)
         try:
             if spec.stream:
@@ -146,7 +165,18 @@ class Router:
             return await self._whole(rid, spec, chat, gen, len(prompt_ids))
         finally:
             self.inflight -= 1
+            self.inflight_by_class[spec.slo_class] -= 1
             self.cluster.abort(rid)  # no-op once finished; frees KV on a disconnect or error
+
+    def _admit(self, slo_class: str) -> None:
+        """429 past the in-flight limit, or past the request's SLO class share of it."""
+        if self.inflight >= self.cfg.max_inflight_requests:
+            raise _overloaded(429, "too many requests in flight; retry shortly")
+        limit = self.cfg.admission_limits[slo_class]
+        if self.inflight_by_class[slo_class] >= limit:
+            raise _overloaded(
+                429, f"too many {slo_class} requests in flight (limit {limit}); retry shortly"
+            )
 
     def _tokenize(self, spec: GenerationSpec) -> list[int]:
         try:
@@ -308,10 +338,14 @@ def _slo_header(request: web.Request) -> str | None:
 async def _json(request: web.Request):
     try:
         return await request.json()
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}") from None
     except UnicodeDecodeError:
         raise ApiError(400, "the body is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    except ValueError:  # an integer of more than 4300 digits
+        raise ApiError(400, "the body holds a number too long to read") from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
 
 
 def _error(e: ApiError) -> web.Response:
@@ -326,7 +360,12 @@ def _overloaded(status: int, message: str) -> ApiError:
 def build(cfg: RouterConfig) -> Router:
     tokenizer = Tokenizer.from_dir(cfg.model_path)
     cluster = Cluster(
-        cfg.worker_address, cfg.heartbeat_timeout_s, cfg.max_redispatch, cfg.kv_transports
+        cfg.worker_address,
+        cfg.heartbeat_timeout_s,
+        cfg.max_redispatch,
+        cfg.kv_transports,
+        redispatch_wait_s=cfg.redispatch_wait_s,
+        curve=load_curve_keys(cfg.curve_keys),
     )
     return Router(cfg, tokenizer, cluster)
 
@@ -340,6 +379,7 @@ def run(cfg: RouterConfig) -> None:
         pass
     router = build(cfg)
     log.info("router: http://%s:%d, workers connect to %s", cfg.host, cfg.port, cfg.worker_address)
+    warn_if_exposed("the HTTP API", cfg.host, bool(cfg.api_key), "--api-key")
     web.run_app(
         router.app(),
         host=cfg.host,

@@ -3,18 +3,27 @@
 Workers connect DEALER sockets to the router's ROUTER socket and say Hello; the router answers
 Welcome and from then on sends them requests over the same socket (addressed by worker id).
 Heartbeats update each worker's load; a worker silent for `heartbeat_timeout_s`, or one that
-says Goodbye, is dropped and the requests it held are re-dispatched (if no token reached the
-client yet) or failed. Tokens and failures arrive on the same socket and are routed to the
+says Goodbye, is dropped. Tokens and failures arrive on the same socket and are routed to the
 request's `Stream`, which the HTTP handler reads.
+
+Failure: the requests a dropped worker held are re-dispatched to live workers as their prompt
+plus the tokens already streamed (recompute), so the client's stream goes on where it was;
+when no worker can take one right now it is parked and retried as workers join or free up,
+for at most `redispatch_wait_s`. Each dispatch of a request has its own wire id
+(`<id>`, then `<id>~1`, `<id>~2`, ...): messages about an older dispatch, from a worker that was
+dropped and comes back, are recognised as stale, dropped, and answered with an abort. A
+dropped worker that speaks again is told to `Rejoin` (drop everything, say Hello).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -29,11 +38,19 @@ from tideserve.protocol import (
     Params,
     PrefillRequest,
     ProtocolError,
+    Rejoin,
     RequestFailed,
     TokenChunk,
     Welcome,
     decode,
     encode,
+)
+from tideserve.security import (
+    CurveKeys,
+    make_server,
+    start_authenticator,
+    warn_if_exposed,
+    zmq_host,
 )
 
 log = logging.getLogger(__name__)
@@ -99,10 +116,18 @@ class Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     prefill: str | None = None
     target: str | None = None
-    num_tokens_out: int = 0  # tokens already handed to the handler
+    output_token_ids: list[int] = field(default_factory=list)  # handed to the handler so far
     dispatches: int = 0
+    wire_id: str = ""  # the id the current dispatch travels under
+    dispatched_len: int = 0  # prompt tokens of the current dispatch (prompt + output so far)
     kv_landed: bool = False
-    tried: set[str] = field(default_factory=set)
+    got_token: bool = False  # the current dispatch has produced a token
+    tried: set[str] = field(default_factory=set)  # workers that failed this request
+    parked_until: float | None = None  # waiting for capacity to re-dispatch, until then
+
+    @property
+    def num_tokens_out(self) -> int:
+        return len(self.output_token_ids)
 
 
 class NoCapacity(Exception):
@@ -116,17 +141,29 @@ class Cluster:
         heartbeat_timeout_s: float,
         max_redispatch: int,
         kv_transports: tuple[str, ...],
+        redispatch_wait_s: float = 30.0,
+        *,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.address = address
+        self.curve = curve  # None: plaintext, any process that reaches the socket may join
+        self.authenticator = None
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_redispatch = max_redispatch
         self.kv_transports = kv_transports
+        self.redispatch_wait_s = redispatch_wait_s
         self.workers: dict[str, Worker] = {}
-        self.streams: dict[str, Stream] = {}
+        self.streams: dict[str, Stream] = {}  # request id -> stream
+        self.wire: dict[str, str] = {}  # wire id of a live dispatch -> request id
+        self.parked: dict[str, Stream] = {}  # request id -> stream waiting to be re-dispatched
+        self.events: collections.Counter[str] = collections.Counter()  # for /metrics
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its id back
+        if curve is not None:
+            make_server(self.sock, curve)
         self._tasks: list[asyncio.Task] = []
         self.handlers = {
             Hello: self.handle_hello,
@@ -137,6 +174,9 @@ class Cluster:
         }
 
     async def start(self) -> None:
+        if self.curve is not None:
+            self.authenticator = start_authenticator(self.ctx, self.curve)
+        warn_if_exposed("the worker socket", zmq_host(self.address), bool(self.curve), "CURVE")
         self.sock.bind(self.address)
         self._tasks = [
             asyncio.create_task(self._recv_loop()),
@@ -148,6 +188,8 @@ class Cluster:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.sock.close(0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.ctx.term()
 
     # -- views ---------------------------------------------------------------------------------
@@ -175,20 +217,32 @@ class Cluster:
             self.streams.pop(stream.request_id, None)
             raise
 
-    def _dispatch(self, s: Stream) -> None:
+    def _dispatch(self, s: Stream, exclude: frozenset[str] | None = None) -> None:
+        """Sends `s` (its prompt plus the tokens it already has) under a new wire id."""
+        prompt = s.prompt_token_ids + s.output_token_ids
         views = [w.view() for w in self.workers.values()]
-        r = route(views, len(s.prompt_token_ids), exclude=frozenset(s.tried))
+        r = route(views, len(prompt), exclude=frozenset(s.tried) if exclude is None else exclude)
         if r is None:
             raise NoCapacity("no ready worker can take this request")
+        self.wire.pop(s.wire_id, None)
+        s.wire_id = s.request_id if s.dispatches == 0 else f"{s.request_id}~{s.dispatches}"
+        self.wire[s.wire_id] = s.request_id
         s.prefill, s.target, s.kv_landed = r.prefill, r.target, r.prefill is None
+        s.got_token, s.parked_until = False, None
         s.dispatches += 1
+        s.dispatched_len = n = len(prompt)
+        params = s.params
+        if s.output_token_ids:  # a recompute: what is left to generate
+            k = len(s.output_token_ids)
+            params = msgspec.structs.replace(
+                params,
+                max_tokens=max(1, params.max_tokens - k),
+                min_tokens=max(0, params.min_tokens - k),
+            )
         target = self.workers[r.target]
-        n = len(s.prompt_token_ids)
         if r.prefill is None:
             target.pending_tokens += n
-            self._send(
-                r.target, GenerateRequest(s.request_id, s.prompt_token_ids, s.params, s.priority)
-            )
+            self._send(r.target, GenerateRequest(s.wire_id, prompt, params, s.priority))
             return
         prefill = self.workers[r.prefill]
         prefill.pending_tokens += n
@@ -197,9 +251,9 @@ class Cluster:
         self._send(
             r.prefill,
             PrefillRequest(
-                s.request_id,
-                s.prompt_token_ids,
-                s.params,
+                s.wire_id,
+                prompt,
+                params,
                 s.priority,
                 r.target,
                 target.hello.kv_address,
@@ -213,24 +267,30 @@ class Cluster:
 
     def abort(self, request_id: str) -> None:
         """Stops a request on every worker that may hold it; idempotent."""
-        s = self.streams.pop(request_id, None)
+        s = self.streams.get(request_id)
         if s is None:
             return
+        self._forget(s)
         self._release_pending(s)
         for wid in {s.prefill, s.target} - {None}:
             if wid in self.workers:
-                self._send(wid, AbortRequest(request_id))
+                self._send(wid, AbortRequest(s.wire_id))
+
+    def _forget(self, s: Stream) -> None:
+        self.streams.pop(s.request_id, None)
+        self.parked.pop(s.request_id, None)
+        self.wire.pop(s.wire_id, None)
 
     def _release_pending(self, s: Stream) -> None:
-        n = len(s.prompt_token_ids)
-        if s.num_tokens_out == 0 and s.prefill in self.workers:
+        n = s.dispatched_len
+        if not s.got_token and s.prefill in self.workers:
             w = self.workers[s.prefill]
             w.pending_tokens = max(0, w.pending_tokens - n)
         if s.target in self.workers:
             w = self.workers[s.target]
             if not s.kv_landed:
                 w.pending_blocks = max(0, w.pending_blocks - blocks_for(n + 1, w.hello.block_size))
-            if s.prefill is None and s.num_tokens_out == 0:
+            if s.prefill is None and not s.got_token:
                 w.pending_tokens = max(0, w.pending_tokens - n)
 
     def _send(self, worker_id: str, msg: Message) -> None:
@@ -265,49 +325,76 @@ class Cluster:
             if handler is None:
                 log.warning("unexpected %s from %r", type(msg).__name__, ident)
                 continue
+            if getattr(msg, "worker_id", ident) != ident:
+                what = type(msg).__name__
+                log.warning("dropping a %s from %r for worker %r", what, ident, msg.worker_id)
+                continue
             if not isinstance(msg, Hello) and ident not in self.workers:
-                continue  # a dropped worker still talking; it must say Hello again
+                if isinstance(msg, Heartbeat):  # a dropped worker is back: it must start over
+                    self._send(ident, Rejoin("this router had dropped you: say Hello again"))
+                continue
             if ident in self.workers:
                 self.workers[ident].last_seen = time.monotonic()
-            handler(msg)
+            try:
+                handler(msg)
+            except Exception:  # NOTE: this loop is how the router hears workers: it must not die
+                log.exception("dropping a %s from %r that failed", type(msg).__name__, ident)
 
     def handle_hello(self, msg: Hello) -> None:
-        known = msg.worker_id in self.workers
+        old = self.workers.get(msg.worker_id)
+        if old is not None and old.hello.pid != msg.pid:  # restarted before we noticed it died
+            log.warning("worker %s restarted (pid %d -> %d)", msg.worker_id, old.hello.pid, msg.pid)
+            self._drop(msg.worker_id)
+            old = None
         self.workers[msg.worker_id] = Worker(msg, time.monotonic())
         self._send(msg.worker_id, Welcome(True))
-        if not known:
+        if old is None:
             log.info("worker %s (%s) joined from %s", msg.worker_id, msg.role, msg.host)
+            self.events["worker_joined"] += 1
+        self._retry_parked()
 
     def handle_heartbeat(self, msg: Heartbeat) -> None:
         w = self.workers[msg.worker_id]
         w.stats, w.state = msg, msg.state
         w.pending_tokens = 0  # the heartbeat's own queue now counts what was dispatched
+        if self.parked:
+            self._retry_parked()
 
     def handle_goodbye(self, msg: Goodbye) -> None:
         log.info("worker %s left: %s", msg.worker_id, msg.reason)
         self._drop(msg.worker_id)
 
+    def _current(self, wire_id: str, worker_id: str) -> Stream | None:
+        """The stream a worker's message is about, or None when it is stale: an older
+        dispatch, a finished request, or a worker the request no longer runs on."""
+        s = self.streams.get(self.wire.get(wire_id, ""))
+        if s is None or worker_id not in (s.prefill, s.target):
+            return None
+        return s
+
     def handle_tokens(self, msg: TokenChunk) -> None:
-        s = self.streams.get(msg.request_id)
+        s = self._current(msg.request_id, msg.worker_id)
         if s is None:
+            if msg.finish_reason is None and msg.worker_id in self.workers:
+                self._send(msg.worker_id, AbortRequest(msg.request_id))  # free what it holds
             return
         if msg.worker_id == s.target and not s.kv_landed:
             s.kv_landed = True
             w = self.workers.get(s.target)
             if w is not None and s.prefill is not None:
                 w.pending_blocks = max(
-                    0,
-                    w.pending_blocks - blocks_for(len(s.prompt_token_ids) + 1, w.hello.block_size),
+                    0, w.pending_blocks - blocks_for(s.dispatched_len + 1, w.hello.block_size)
                 )
-        s.num_tokens_out += len(msg.token_ids)
+        s.got_token = True
+        s.output_token_ids.extend(msg.token_ids)
         if msg.finish_reason is not None:
-            self.streams.pop(msg.request_id, None)
+            self._forget(s)
             if msg.is_first and s.target in self.workers:
                 self._release_pending(s)  # ended at its first token: the decode never started
         s.queue.put_nowait(msg)
 
     def handle_failed(self, msg: RequestFailed) -> None:
-        s = self.streams.get(msg.request_id)
+        s = self._current(msg.request_id, msg.worker_id)
         if s is None:
             return
         self._reroute_or_fail(s, msg.message, msg.retryable, msg.worker_id)
@@ -315,21 +402,59 @@ class Cluster:
     def _reroute_or_fail(
         self, s: Stream, reason: str, retryable: bool, culprit: str | None
     ) -> None:
+        """Moves a request its workers cannot finish to others (recomputing the tokens it
+        has), parks it while none can take it, or fails it once its retries are spent."""
         self._release_pending(s)
         for wid in {s.prefill, s.target} - {None, culprit}:
             if wid in self.workers:
-                self._send(wid, AbortRequest(s.request_id))
-        if retryable and s.num_tokens_out == 0 and s.dispatches <= self.max_redispatch:
+                self._send(wid, AbortRequest(s.wire_id))
+        s.prefill = s.target = None
+        if retryable and s.dispatches <= self.max_redispatch:
             if culprit:
                 s.tried.add(culprit)
             try:
                 self._dispatch(s)
-                log.info("request %s re-dispatched: %s", s.request_id, reason)
+                self.events["redispatched"] += 1
+                log.info(
+                    "request %s re-dispatched with %d tokens so far: %s",
+                    s.request_id,
+                    s.num_tokens_out,
+                    reason,
+                )
                 return
             except NoCapacity:
-                pass
-        self.streams.pop(s.request_id, None)
+                s.parked_until = time.monotonic() + self.redispatch_wait_s
+                self.events["parked"] += 1
+                self.parked[s.request_id] = s
+                self.wire.pop(s.wire_id, None)
+                log.warning(
+                    "request %s waits for a worker (at most %.0f s): %s",
+                    s.request_id,
+                    self.redispatch_wait_s,
+                    reason,
+                )
+                return
+        self._fail(s, reason, retryable, culprit)
+
+    def _fail(self, s: Stream, reason: str, retryable: bool, culprit: str | None) -> None:
+        self.events["failed"] += 1
+        self._forget(s)
         s.queue.put_nowait(RequestFailed(s.request_id, culprit or "", reason, retryable))
+
+    def _retry_parked(self) -> None:
+        now = time.monotonic()
+        for s in list(self.parked.values()):
+            try:  # the workers it failed on may be back, restarted: try them too
+                self._dispatch(s, exclude=frozenset())
+            except NoCapacity:
+                if now > s.parked_until:
+                    self._fail(
+                        s, f"no worker could take it in {self.redispatch_wait_s:.0f} s", True, None
+                    )
+                continue
+            self.parked.pop(s.request_id, None)
+            self.events["redispatched"] += 1
+            log.info("request %s re-dispatched after waiting", s.request_id)
 
     # -- failure detection ---------------------------------------------------------------------
 
@@ -341,10 +466,13 @@ class Cluster:
                 if now - w.last_seen > self.heartbeat_timeout_s:
                     log.warning("worker %s missed its heartbeats: dropped", wid)
                     self._drop(wid)
+            if self.parked:
+                self._retry_parked()
 
     def _drop(self, worker_id: str) -> None:
         if self.workers.pop(worker_id, None) is None:
             return
+        self.events["worker_dropped"] += 1
         for s in list(self.streams.values()):
             if worker_id in (s.prefill, s.target):
                 handed_off = s.prefill == worker_id and s.kv_landed

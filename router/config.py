@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -15,9 +15,14 @@ class RouterConfig:
     heartbeat_timeout_s: float = 5.0  # a worker silent this long is dropped
     request_timeout_s: float = 600.0  # no token for this long fails the request
     max_inflight_requests: int = 512  # admitted at once; more get 429
+    max_inflight_batch: int = 0  # of those, at most this many batch-class; 0 = half
     max_body_bytes: int = 4 << 20  # larger bodies get 413
     max_redispatch: int = 2  # times a request may move to other workers before it fails
+    redispatch_wait_s: float = 30.0  # how long a request whose worker died waits for another
     kv_transports: tuple[str, ...] = ("shm", "tcp")  # allowed, best first
+    api_key: str = field(default="", repr=False)  # "" = open; else /v1/*, /admin/* need Bearer
+    protect_metrics: bool = False  # /metrics also needs the API key
+    curve_keys: str = ""  # CURVE key directory for the worker socket; "" = plaintext
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -26,3 +31,16 @@ class RouterConfig:
             raise ValueError("timeouts must be positive")
         if self.max_inflight_requests < 1:
             raise ValueError("max_inflight_requests must be >= 1")
+        if not 0 <= self.max_inflight_batch <= self.max_inflight_requests:
+            raise ValueError("max_inflight_batch must be in 0..max_inflight_requests")
+        if self.api_key != "".join(self.api_key.split()):
+            raise ValueError("api_key must not contain whitespace")
+        if self.protect_metrics and not self.api_key:
+            raise ValueError("protect_metrics needs an api_key")
+
+    @property
+    def admission_limits(self) -> dict[str, int]:
+        """Requests admitted at once per SLO class: batch work is held to its share, so
+        interactive requests always find room; interactive may use it all."""
+        total = self.max_inflight_requests
+        return {"interactive": total, "batch": self.max_inflight_batch or max(1, total // 2)}

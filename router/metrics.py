@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5)
 
 
+class _EventCounts:
+    """Exports the cluster's failure-handling counts (a dict it keeps) as one counter."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self):
+        c = CounterMetricFamily(
+            "tideserve_cluster_events",
+            "failure handling: workers dropped, requests re-dispatched, parked, failed",
+            labels=["event"],
+        )
+        for event, n in sorted(self.counts().items()):
+            c.add_metric([event], n)
+        yield c
+
+
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, cluster_counts: Callable[[], dict[str, int]] = dict) -> None:
         r = self.registry = CollectorRegistry()
+        r.register(_EventCounts(cluster_counts))
         self.requests = Counter(
             "tideserve_requests",
             "HTTP requests by endpoint and status",

@@ -3,12 +3,14 @@
 tideserve model prepare      convert the embedded default model into the cache (once)
 tideserve model path         print the default model's folder, preparing it if needed
 tideserve generate PROMPT    run the offline engine on one prompt and print the text
+tideserve keys generate DIR  make CURVE keys for the internal ZMQ sockets (--curve-keys DIR)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import fields
 
@@ -26,6 +28,49 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_security_args(p: argparse.ArgumentParser, http: bool) -> None:
+    p.add_argument(
+        "--curve-keys",
+        default=os.environ.get("TIDESERVE_CURVE_KEYS", ""),
+        metavar="DIR",
+        help="encrypt and authenticate the internal ZMQ sockets with the CURVE keys in DIR "
+        "(tideserve keys generate; env TIDESERVE_CURVE_KEYS)",
+    )
+    if not http:
+        return
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TIDESERVE_API_KEY", ""),
+        help="require 'Authorization: Bearer KEY' on /v1/* and /admin/*; prefer the env "
+        "TIDESERVE_API_KEY, which ps does not show",
+    )
+    p.add_argument("--protect-metrics", action="store_true", help="/metrics needs the API key too")
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="a worker silent this long is dropped and its requests move to others",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=512,
+        metavar="N",
+        help="requests admitted at once; more get 429 with Retry-After",
+    )
+    p.add_argument(
+        "--max-inflight-batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="of those, batch-class requests admitted at once (default: half)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -52,6 +97,7 @@ def worker_config(args: argparse.Namespace, role: str):
         host=args.host,
         kv_port=args.kv_port,
         served_model_name=args.served_model_name,
+        curve_keys=args.curve_keys,
         engine=EngineConfig(**{**engine.__dict__, "model": model_path(engine.model)}),
     )
 
@@ -81,6 +127,12 @@ def cmd_router(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             worker_address=args.worker_address,
+            heartbeat_timeout_s=args.heartbeat_timeout,
+            max_inflight_requests=args.max_inflight,
+            max_inflight_batch=args.max_inflight_batch,
+            api_key=args.api_key,
+            protect_metrics=args.protect_metrics,
+            curve_keys=args.curve_keys,
         )
     )
     return 0
@@ -104,8 +156,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         num_threads=args.num_threads,
         log_level=args.log_level,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        max_inflight_requests=args.max_inflight,
+        max_inflight_batch=args.max_inflight_batch,
+        api_key=args.api_key,
+        protect_metrics=args.protect_metrics,
+        curve_keys=args.curve_keys,
     )
     return serve(cfg)
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from tideserve.security import generate_keys
+
+    for path in generate_keys(args.dir, tuple(args.name), args.force):
+        print(path)
+    print(f"start every service with --curve-keys {args.dir} (or TIDESERVE_CURVE_KEYS)")
+    return 0
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -148,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default="")
+    add_security_args(srv, http=True)
+    add_router_args(srv)
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 
@@ -157,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--host", default="127.0.0.1")
     rt.add_argument("--port", type=int, default=8000)
     rt.add_argument("--worker-address", default="tcp://127.0.0.1:7100")
+    add_security_args(rt, http=True)
+    add_router_args(rt)
     rt.set_defaults(func=cmd_router)
 
     for name, helptext in (("prefill", "one prefill worker"), ("decode", "one decode worker")):
@@ -170,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         w.add_argument("--kv-port", type=int, default=0)
         w.add_argument("--served-model-name", default="")
+        add_security_args(w, http=False)
         add_engine_args(w)
         w.set_defaults(func=cmd_prefill if name == "prefill" else cmd_decode)
 
@@ -181,6 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    keys = sub.add_parser("keys", help="CURVE keys for the internal ZMQ sockets")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    keygen = keys_sub.add_parser(
+        "generate", help="write DIR/server.key*, DIR/client.key* and DIR/authorized/"
+    )
+    keygen.add_argument("dir")
+    keygen.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="also write DIR/clients/NAME.key_secret and authorize it (repeatable)",
+    )
+    keygen.add_argument(
+        "--force", action="store_true", help="replace existing keys; unauthorize all old ones"
+    )
+    keygen.set_defaults(func=cmd_keys_generate)
     bench_cli.add_parser(sub)
     return parser
 

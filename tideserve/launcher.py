@@ -2,9 +2,11 @@
 
 Start-up: prepare the model (progress on stderr) -> start the router, then the workers, each
 with its share of the CPU threads -> wait until /health says ready -> print the URL and a curl
-example -> wait. Ctrl-C, SIGTERM, or any child dying stops every child (SIGTERM, then SIGKILL
-after a grace period); children also get SIGTERM if this process dies (PR_SET_PDEATHSIG), so no
-orphan outlives it.
+example -> wait. A worker that dies once the service is up is restarted (the router moves its
+requests to the others meanwhile; more than `MAX_RESTARTS_PER_MINUTE` stops the service); the
+router dying, a child dying during start-up, Ctrl-C or SIGTERM stops every child (SIGTERM, then
+SIGKILL after a grace period); children also get SIGTERM if this process dies
+(PR_SET_PDEATHSIG), so no orphan outlives it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GRACE_S = 10.0
+MAX_RESTARTS_PER_MINUTE = 5  # a worker that dies more often than this stops the service
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,12 @@ class ServeConfig:
     num_threads: int | None = None  # torch threads per worker; None = the cores split evenly
     log_level: str = "INFO"
     ready_timeout_s: float = 300.0
+    heartbeat_timeout_s: float = 5.0  # the router drops a worker silent this long
+    max_inflight_requests: int = 512  # the router's admission limit
+    max_inflight_batch: int = 0  # of those, batch-class at most; 0 = half
+    api_key: str = field(default="", repr=False)  # reaches the router in its env, never argv
+    protect_metrics: bool = False  # /metrics needs the API key too
+    curve_keys: str = ""  # CURVE key directory for every internal socket; "" = plaintext
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -87,6 +96,8 @@ def worker_commands(cfg: ServeConfig, worker_address: str) -> list[list[str]]:
         if cfg.mode == "disaggregated"
         else ["colocated"] * cfg.num_decode
     )
+    if cfg.curve_keys:
+        engine += ["--curve-keys", os.path.abspath(cfg.curve_keys)]
     threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // len(roles))
     cmds = []
     for i, role in enumerate(roles):
@@ -120,7 +131,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def serve(cfg: ServeConfig) -> int:
+    from tideserve.security import load_curve_keys
+
     check_port_free(cfg.host, cfg.port)
+    load_curve_keys(cfg.curve_keys)  # a bad key directory fails here, not in every child
     worker_address = f"tcp://127.0.0.1:{free_port()}"
     router_cmd = [
         sys.executable,
@@ -137,9 +151,23 @@ def serve(cfg: ServeConfig) -> int:
         str(cfg.port),
         "--worker-address",
         worker_address,
+        "--heartbeat-timeout",
+        str(cfg.heartbeat_timeout_s),
+        "--max-inflight",
+        str(cfg.max_inflight_requests),
+        "--max-inflight-batch",
+        str(cfg.max_inflight_batch),
     ]
     if cfg.served_model_name:
         router_cmd += ["--served-model-name", cfg.served_model_name]
+    if cfg.curve_keys:
+        router_cmd += ["--curve-keys", os.path.abspath(cfg.curve_keys)]
+    if cfg.protect_metrics:
+        router_cmd += ["--protect-metrics"]
+    # NOTE: the API key travels in the router's environment (argv is world-readable in ps);
+    # the workers do not need it and do not get it
+    worker_env = {k: v for k, v in os.environ.items() if k != "TIDESERVE_API_KEY"}
+    router_env = {**worker_env, "TIDESERVE_API_KEY": cfg.api_key}
     children: list[subprocess.Popen] = []
     stopping = False
 
@@ -150,20 +178,42 @@ def serve(cfg: ServeConfig) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        children.append(subprocess.Popen(router_cmd, preexec_fn=_die_with_parent))
-        for cmd in worker_commands(cfg, worker_address):
-            children.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
+        children.append(subprocess.Popen(router_cmd, env=router_env, preexec_fn=_die_with_parent))
+        cmds = worker_commands(cfg, worker_address)
+        for cmd in cmds:
+            children.append(subprocess.Popen(cmd, env=worker_env, preexec_fn=_die_with_parent))
+        restarts: list[list[float]] = [[] for _ in cmds]  # when each worker was restarted
         url = f"http://{cfg.host}:{cfg.port}"
         announced = False
         deadline = time.monotonic() + cfg.ready_timeout_s
         while not stopping:
-            dead = [c for c in children if c.poll() is not None]
-            if dead:
+            for i, c in enumerate(children):
+                if c.poll() is None:
+                    continue
+                what = "the router" if i == 0 else f"worker {_worker_id(cmds[i - 1])}"
+                if i == 0 or not announced:  # a broken start is not worth retrying
+                    print(
+                        f"tideserve: {what} exited (code {c.returncode}): stopping", file=sys.stderr
+                    )
+                    return 1
+                now = time.monotonic()
+                recent = restarts[i - 1] = [t for t in restarts[i - 1] if now - t < 60] + [now]
+                if len(recent) > MAX_RESTARTS_PER_MINUTE:
+                    print(
+                        f"tideserve: {what} keeps exiting ({len(recent)} times in a minute): "
+                        "stopping",
+                        file=sys.stderr,
+                    )
+                    return 1
                 print(
-                    f"tideserve: a child process exited (code {dead[0].returncode}): stopping",
+                    f"tideserve: {what} exited (code {c.returncode}); restarting it "
+                    "(its requests go on elsewhere)",
                     file=sys.stderr,
+                    flush=True,
                 )
-                return 1
+                children[i] = subprocess.Popen(
+                    cmds[i - 1], env=worker_env, preexec_fn=_die_with_parent
+                )
             if not announced:
                 if _healthy(url):
                     announced = True
@@ -180,6 +230,10 @@ def serve(cfg: ServeConfig) -> int:
         _stop_all(children)
 
 
+def _worker_id(cmd: list[str]) -> str:
+    return cmd[cmd.index("--worker-id") + 1]
+
+
 def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=1) as r:
@@ -190,11 +244,12 @@ def _healthy(url: str) -> bool:
 
 def _announce(url: str, cfg: ServeConfig) -> None:
     name = cfg.served_model_name or os.path.basename(cfg.model.rstrip("/"))
+    auth = ' -H "Authorization: Bearer $TIDESERVE_API_KEY"' if cfg.api_key else ""
     print(
         f"""
 tideserve is ready at {url}  ({cfg.mode}; model {name})
 
-  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\
     -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
 Ctrl-C stops it.""",
@@ -220,11 +275,13 @@ class ServeProcess:
 
     `start()` launches it on a free port and waits until /health answers 200 (raising with the
     tail of its output if it exits first); `stop()` sends SIGINT, as Ctrl-C would. `children`
-    holds the router's and workers' processes (as psutil objects) once it is ready.
+    holds the router's and workers' processes (as psutil objects) once it is ready. `env`
+    adds variables (TIDESERVE_API_KEY, say) to the ones it inherits.
     """
 
-    def __init__(self, *args: str, capture: bool = True) -> None:
+    def __init__(self, *args: str, capture: bool = True, env: dict | None = None) -> None:
         self.port = free_port()
+        self.env = None if env is None else {**os.environ, **env}
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "tideserve.cli", "serve", "--port", str(self.port), *args]
         self.capture = capture
@@ -235,7 +292,7 @@ class ServeProcess:
         # NOTE: a file, not a pipe: a chatty server must never block on a full pipe buffer
         self._log = tempfile.TemporaryFile("w+") if self.capture else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True, env=self.env
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -262,6 +319,12 @@ class ServeProcess:
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        import psutil
+
+        try:  # the workers it restarted since start() count too
+            self.children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout_s)

@@ -8,7 +8,7 @@ sizes, counts) and rejects other protocol versions in `Hello`. Nothing is ever p
 
 Who sends what:
     worker -> router     Hello, Heartbeat, Goodbye, TokenChunk, RequestFailed
-    router -> worker     PrefillRequest, GenerateRequest, AbortRequest, Welcome
+    router -> worker     PrefillRequest, GenerateRequest, AbortRequest, Welcome, Rejoin
     prefill -> decode    KVBegin, KVLayer (+ tensor frame, or a shm notice), KVDone, KVAbort
     decode -> prefill    KVAck
 Structs are positional (array_like, so one union decodes them all); new fields are only ever
@@ -17,7 +17,8 @@ appended, with defaults.
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
@@ -29,6 +30,11 @@ MAX_FRAMES = 64
 
 Role = Literal["prefill", "decode", "colocated"]
 WorkerState = Literal["starting", "ready", "draining"]
+# NOTE: decoding checks these bounds; a Hello outside them would break routing for everyone
+# (a zero block size divides by zero in the policy)
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+BlockSize = Annotated[int, msgspec.Meta(ge=1)]
+ContextLength = Annotated[int, msgspec.Meta(ge=2)]
 
 
 class ProtocolError(ValueError):
@@ -64,9 +70,9 @@ class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
     host: str
     kv_address: str  # where this worker receives KV ("" for prefill-only workers)
     model: str
-    num_kv_blocks: int
-    block_size: int
-    max_model_len: int
+    num_kv_blocks: NonNegative
+    block_size: BlockSize
+    max_model_len: ContextLength
     device: str
     pid: int
     kv_transports: tuple[str, ...] = ("tcp",)  # what its receiver accepts, best first
@@ -76,6 +82,14 @@ class Welcome(msgspec.Struct, tag="welcome", array_like=True, frozen=True):
     """The router's answer to Hello: accepted, or why not."""
 
     ok: bool
+    reason: str = ""
+
+
+class Rejoin(msgspec.Struct, tag="rejoin", array_like=True, frozen=True):
+    """Router -> a worker it had dropped (missed heartbeats) and now hears from again: the
+    router has already re-dispatched or failed that worker's requests, so it drops them all and
+    says Hello again."""
+
     reason: str = ""
 
 
@@ -191,6 +205,7 @@ class KVAck(msgspec.Struct, tag="kv_ack", array_like=True, frozen=True):
 Message = (
     Hello
     | Welcome
+    | Rejoin
     | Heartbeat
     | Goodbye
     | PrefillRequest
@@ -228,8 +243,8 @@ def decode(frames: list) -> tuple[Message, list[memoryview]]:
         raise ProtocolError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         msg = _decoder.decode(header)
-    except msgspec.DecodeError as e:
-        raise ProtocolError(f"malformed message: {e}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # NOTE: a str field that is not
+        raise ProtocolError(f"malformed message: {e}") from None  # UTF-8 is not a DecodeError
     if isinstance(msg, Hello) and msg.protocol_version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version {msg.protocol_version} from {msg.worker_id!r}; this side speaks "
@@ -250,20 +265,23 @@ def _buffer(frame) -> memoryview:
 
 # -- tensors -----------------------------------------------------------------------------------
 
-_ITEMSIZE = {"bfloat16": 2}
+# NOTE: a fixed table, not np.dtype(name): numpy parses names like "i4,i4" or "object"
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1}
+MAX_TENSOR_DIMS = 8
 
 
 def meta_nbytes(meta: TensorMeta) -> int:
-    itemsize = _ITEMSIZE.get(meta.dtype) or np.dtype(meta.dtype).itemsize
-    return int(np.prod(meta.shape, dtype=np.int64)) * itemsize
+    """The tensor's size in bytes, exact (numpy's int64 product wraps around on a hostile
+    shape); ProtocolError for a dtype this protocol does not carry or a shape that is not one."""
+    itemsize = _ITEMSIZE.get(meta.dtype)
+    if itemsize is None:
+        raise ProtocolError(f"unknown dtype {meta.dtype!r}")
+    if len(meta.shape) > MAX_TENSOR_DIMS or any(d < 0 for d in meta.shape):
+        raise ProtocolError(f"bad tensor shape {meta.shape}")
+    return math.prod(meta.shape) * itemsize
 
 
 def check_tensor(meta: TensorMeta, raw: memoryview) -> None:
-    if any(d < 0 for d in meta.shape):
-        raise ProtocolError(f"negative dimension in {meta.shape}")
-    try:
-        expected = meta_nbytes(meta)
-    except TypeError:
-        raise ProtocolError(f"unknown dtype {meta.dtype!r}") from None
+    expected = meta_nbytes(meta)
     if len(raw) != expected:
         raise ProtocolError(f"tensor frame has {len(raw)} bytes, {meta} needs {expected}")

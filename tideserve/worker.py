@@ -30,10 +30,12 @@ from tideserve.protocol import (
     Message,
     Params,
     ProtocolError,
+    Rejoin,
     Welcome,
     decode,
     encode,
 )
+from tideserve.security import CurveKeys, make_client
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class WorkerConfig:
     heartbeat_interval_s: float = 0.5
     connect_timeout_s: float = 30.0  # how long to wait for the router's Welcome
     kv_timeout_s: float = 30.0  # a KV transfer that does not complete in this time is aborted
+    curve_keys: str = ""  # CURVE key directory for every ZMQ socket; "" = plaintext
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -72,15 +75,21 @@ def to_sampling_params(p: Params):
 class RouterLink:
     """The worker's DEALER socket to the router (identity = worker id)."""
 
-    def __init__(self, ctx: zmq.Context, address: str, worker_id: str) -> None:
+    def __init__(
+        self, ctx: zmq.Context, address: str, worker_id: str, curve: CurveKeys | None = None
+    ) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
+        if curve is not None:
+            make_client(self.sock, curve)
         self.sock.connect(address)
         self.address = address
+        self.is_curve = curve is not None
 
     def handshake(self, hello: Hello, timeout_s: float) -> None:
-        self.send(hello)
+        self.hello = hello  # said again if the router ever asks this worker to Rejoin
+        self._offer(hello)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.sock.poll(200):
@@ -90,11 +99,22 @@ class RouterLink:
                         raise RuntimeError(f"router refused this worker: {msg.reason}")
                     return
             else:
-                self.send(hello)  # the router may have started after us
-        raise RuntimeError(f"no answer from the router at {self.address} in {timeout_s:.0f} s")
+                self._offer(hello)  # the router may have started after us
+        hint = "; with CURVE, check the router has the same server key and authorizes ours"
+        raise RuntimeError(
+            f"no answer from the router at {self.address} in {timeout_s:.0f} s"
+            + (hint if self.is_curve else "")
+        )
 
     def send(self, msg: Message) -> None:
         self.sock.send_multipart(encode(msg), copy=False)
+
+    def _offer(self, msg: Message) -> None:
+        """Sends without blocking: a refused CURVE handshake leaves no connection to queue on."""
+        try:
+            self.sock.send_multipart(encode(msg), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
 
     def recv_all(self) -> list[Message]:
         out = []
@@ -121,10 +141,12 @@ class WorkerLoop:
         stats: Callable[[], Heartbeat],
         extra_sockets: list[zmq.Socket] = (),
         on_poll: Callable[[], None] = lambda: None,
+        drop_all: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg = cfg
         self.link = link
-        self.handlers = handlers
+        self.handlers = {Rejoin: self._rejoin, Welcome: self._welcome, **handlers}
+        self.drop_all = drop_all  # abandons every request (the router has moved them)
         self.step = step
         self.stats = stats
         self.on_poll = on_poll
@@ -154,6 +176,18 @@ class WorkerLoop:
             self.on_poll()
             busy = self.step()
             self.heartbeat()
+
+    def _rejoin(self, msg: Rejoin) -> None:
+        log.warning("the router asks this worker to rejoin (%s): dropping all requests", msg.reason)
+        self.drop_all()
+        self.link.send(self.link.hello)
+
+    def _welcome(self, msg: Welcome) -> None:
+        if msg.ok:
+            log.info("rejoined the router")
+        else:
+            log.error("the router refused this worker: %s; stopping", msg.reason)
+            self.stopping = True
 
     def heartbeat(self, layer: int = 0) -> None:
         """Sends a Heartbeat when one is due; also called between layers of a long step."""

@@ -39,6 +39,7 @@ MESSAGES = [
     ),
     p.Welcome(True),
     p.Welcome(False, "nope"),
+    p.Rejoin("dropped after missed heartbeats"),
     p.Heartbeat("w1", "ready", 1, 2, 300, 4, 100, 1),
     p.Goodbye("w1", "bye"),
     p.PrefillRequest("r1", [1, 2, 3], PARAMS, 0, "w2", "tcp://h:1", "tcp"),

@@ -50,6 +50,8 @@ class FakeWorker:
         tokens: list[int],
         delay_s: float = 0.0,
         fail: str | None = None,
+        die_after: int | None = None,
+        prompt_len: int | None = None,
     ) -> None:
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -57,12 +59,18 @@ class FakeWorker:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
         self.wid, self.tokens, self.delay_s, self.fail = wid, tokens, delay_s, fail
+        self.die_after = die_after  # tokens sent before it goes silent, as if SIGKILLed
+        self.prompt_len = prompt_len  # the client's prompt length: a longer one is a recompute
         self.received: list = []
-        self.beating = True
+        self.beating = self.alive = True
         self.tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        hello = Hello(
+        await self.sock.send_multipart(encode(self.hello()))
+        self.tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._beat())]
+
+    def hello(self) -> Hello:
+        return Hello(
             PROTOCOL_VERSION,
             self.wid,
             "colocated",
@@ -75,8 +83,6 @@ class FakeWorker:
             "cpu",
             os.getpid(),
         )
-        await self.sock.send_multipart(encode(hello))
-        self.tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._beat())]
 
     async def _beat(self) -> None:
         while True:
@@ -89,6 +95,8 @@ class FakeWorker:
     async def _serve(self) -> None:
         while True:
             msg, _ = decode(await self.sock.recv_multipart())
+            if not self.alive:
+                continue
             self.received.append(msg)
             if isinstance(msg, GenerateRequest):
                 asyncio.create_task(self._answer(msg))
@@ -99,9 +107,14 @@ class FakeWorker:
                 encode(RequestFailed(msg.request_id, self.wid, self.fail, True))
             )
             return
-        n = min(msg.params.max_tokens, len(self.tokens))
-        for i, tok in enumerate(self.tokens[:n]):
+        skip = len(msg.prompt_token_ids) - self.prompt_len if self.prompt_len else 0
+        tokens = self.tokens[skip:]
+        n = min(msg.params.max_tokens, len(tokens))
+        for i, tok in enumerate(tokens[:n]):
             await asyncio.sleep(self.delay_s)
+            if self.die_after is not None and i >= self.die_after:
+                self.beating = self.alive = False
+                return
             if any(
                 isinstance(m, AbortRequest) and m.request_id == msg.request_id
                 for m in self.received
@@ -270,6 +283,36 @@ async def test_inflight_limit_is_429(tokenizer_dir, tok):
             resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "b"})
             assert resp.status == 429 and resp.headers["Retry-After"]
             assert (await first).status == 200
+        finally:
+            await w.close()
+
+
+async def test_batch_class_is_held_to_its_share_interactive_is_not(tokenizer_dir, tok):
+    limits = {"max_inflight_requests": 3, "max_inflight_batch": 1}
+    async with router(tokenizer_dir, **limits) as (r, client, addr):
+        w = FakeWorker(addr, "w0", tok.encode("slow text"), delay_s=0.2)
+        await w.start()
+        try:
+            await wait_ready(client)
+            batch = {"model": MODEL, "prompt": "a", "slo_class": "batch"}
+            first = asyncio.create_task(client.post("/v1/completions", json=batch))
+            for _ in range(100):
+                if r.inflight == 1:
+                    break
+                await asyncio.sleep(0.02)
+            resp = await client.post("/v1/completions", json=batch)
+            assert resp.status == 429 and resp.headers["Retry-After"]
+            assert "batch" in (await resp.json())["error"]["message"]
+            resp = await client.post(  # the header works as well as the field
+                "/v1/completions",
+                json={"model": MODEL, "prompt": "a"},
+                headers={"X-SLO-Class": "batch"},
+            )
+            assert resp.status == 429
+            resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "b"})
+            assert resp.status == 200  # interactive still finds room
+            assert (await first).status == 200
+            assert r.inflight == 0 and r.inflight_by_class == {"interactive": 0, "batch": 0}
         finally:
             await w.close()
 

@@ -267,7 +267,7 @@ class LLMEngine:
         passes none here and its first token to `finish_import`.
         """
         seq = self._new_sequence(request_id, prompt_token_ids, params, priority, False)
-        seq.output_token_ids = list(output_token_ids)
+        seq.output_token_ids = self._check_ids(output_token_ids, "output token ids")
         if not 0 < num_kv_tokens <= seq.num_tokens:
             raise ValueError(
                 f"num_kv_tokens {num_kv_tokens} out of range for {seq.num_tokens} tokens"
@@ -292,7 +292,7 @@ class LLMEngine:
         seq = self._seq(request_id)
         if seq.status is not SequenceStatus.IMPORTING:
             raise ValueError(f"request {request_id!r} is not importing KV")
-        seq.output_token_ids.extend(output_token_ids)
+        seq.output_token_ids.extend(self._check_ids(output_token_ids, "output token ids"))
         if seq.num_computed_tokens >= seq.num_tokens:
             self.abort(request_id)
             raise ValueError(f"request {request_id!r}: KV covers every token, nothing to decode")
@@ -311,18 +311,23 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = list(prompt_token_ids)
+        ids = self._check_ids(prompt_token_ids, "prompt token ids")
         if not ids:
             raise ValueError("prompt is empty: give at least one token")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens but the context length is {self.max_model_len}: "
                 "it leaves no room for output; shorten the prompt"
             )
         return Sequence(request_id, ids, params, priority=priority, hold_kv=hold_kv)
+
+    def _check_ids(self, ids, what: str) -> list[int]:
+        """`ids` as a list; ValueError unless each is a token id of this model (the embedding
+        lookup of any other would fail the whole step)."""
+        ids, vocab = list(ids), self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"{what} must be integers in [0, {vocab})")
+        return ids
 
 
 def _extra_eos(path: Path) -> frozenset[int]:

@@ -60,6 +60,9 @@ class KVCache:
         return self.tensor[layer].index_select(2, slots)
 
     def import_layer(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        num_layers = self.tensor.shape[0]
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"KV layer {layer} does not exist: the model has {num_layers}")
         expected = (2, self.tensor.shape[2], slots.shape[0], self.tensor.shape[4])
         if tuple(kv.shape) != expected:
             raise ValueError(f"KV layer shape {tuple(kv.shape)} != expected {expected}")
