@@ -9,6 +9,8 @@ three transports, picked per pair of workers by `choose_transport`:
     receiver = make_receiver("tcp", ctx, port=0)  # decode worker; KV at receiver.address
 
 A zmq receiver takes tcp frames and shm notices on the same address, whichever it was made for.
+With `curve=` (tideserve.security.CurveKeys) every inbox is a CURVE server and every outbox
+its client; the context must run `start_authenticator`, or the inboxes admit no one.
 """
 
 from __future__ import annotations

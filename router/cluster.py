@@ -122,6 +122,8 @@ class Stream:
     dispatched_len: int = 0  # prompt tokens of the current dispatch (prompt + output so far)
     kv_landed: bool = False
     got_token: bool = False  # the current dispatch has produced a token
+    got_first: bool = False  # ... and its prefill worker's first token has arrived
+    held: list[TokenChunk] = field(default_factory=list)  # decode tokens that overtook it
     tried: set[str] = field(default_factory=set)  # workers that failed this request
     parked_until: float | None = None  # waiting for capacity to re-dispatch, until then
 
@@ -228,7 +230,8 @@ class Cluster:
         s.wire_id = s.request_id if s.dispatches == 0 else f"{s.request_id}~{s.dispatches}"
         self.wire[s.wire_id] = s.request_id
         s.prefill, s.target, s.kv_landed = r.prefill, r.target, r.prefill is None
-        s.got_token, s.parked_until = False, None
+        s.got_token = s.got_first = False
+        s.held, s.parked_until = [], None
         s.dispatches += 1
         s.dispatched_len = n = len(prompt)
         params = s.params
@@ -385,6 +388,20 @@ class Cluster:
                 w.pending_blocks = max(
                     0, w.pending_blocks - blocks_for(s.dispatched_len + 1, w.hello.block_size)
                 )
+        if s.prefill is not None and not s.got_first:
+            if not msg.is_first:  # the decode worker's tokens came through a faster path than
+                s.held.append(msg)  # the prefill worker's first token: wait for it
+                return
+            s.got_first = True
+            self._deliver(s, msg)
+            for m in s.held:
+                if s.request_id in self.streams:
+                    self._deliver(s, m)
+            s.held = []
+            return
+        self._deliver(s, msg)
+
+    def _deliver(self, s: Stream, msg: TokenChunk) -> None:
         s.got_token = True
         s.output_token_ids.extend(msg.token_ids)
         if msg.finish_reason is not None:
@@ -475,6 +492,6 @@ class Cluster:
         self.events["worker_dropped"] += 1
         for s in list(self.streams.values()):
             if worker_id in (s.prefill, s.target):
-                handed_off = s.prefill == worker_id and s.kv_landed
+                handed_off = s.prefill == worker_id and s.kv_landed and s.got_first
                 if not handed_off:
                     self._reroute_or_fail(s, f"worker {worker_id} left", True, worker_id)

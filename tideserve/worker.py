@@ -155,6 +155,7 @@ class WorkerLoop:
             self.poller.register(s, zmq.POLLIN)
         self.stopping = False
         self._next_beat = 0.0
+        self._rejoin_sent_until = 0.0  # a rejoining Hello awaits its Welcome until then
 
     def install_signal_handlers(self) -> None:
         def stop(signum, frame):
@@ -172,17 +173,28 @@ class WorkerLoop:
                 if handler is None:
                     log.warning("ignoring unexpected %s", type(msg).__name__)
                     continue
-                handler(msg)
+                try:
+                    handler(msg)
+                except Exception:  # NOTE: one bad request must not take the worker down
+                    log.exception("dropping a %s that failed", type(msg).__name__)
             self.on_poll()
             busy = self.step()
             self.heartbeat()
 
     def _rejoin(self, msg: Rejoin) -> None:
+        # NOTE: the router asks once per heartbeat it heard while we were dropped (a partition
+        # queues many). Those asks all come before the Welcome to our Hello, on this one
+        # connection, so until it comes they are echoes: dropping the requests the router
+        # gave us meanwhile (their KV comes by another path) would leave them hanging.
+        if time.monotonic() < self._rejoin_sent_until:
+            return
         log.warning("the router asks this worker to rejoin (%s): dropping all requests", msg.reason)
         self.drop_all()
         self.link.send(self.link.hello)
+        self._rejoin_sent_until = time.monotonic() + self.cfg.connect_timeout_s  # then: lost
 
     def _welcome(self, msg: Welcome) -> None:
+        self._rejoin_sent_until = 0.0
         if msg.ok:
             log.info("rejoined the router")
         else:

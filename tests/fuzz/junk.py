@@ -3,8 +3,9 @@
 `junk(rng, samples, n)` yields `n` multipart messages (lists of frames) built from real
 protocol messages (`samples`: (message, tensors) pairs the target would accept): random bytes,
 valid msgpack of the wrong shape, real messages truncated or with bytes flipped, unknown or
-swapped tags, fields of the wrong type or value, huge arrays, extra, missing or too many frames,
-tensor frames of the wrong size, and a few frames past the protocol's size limit. Everything
+swapped tags, fields of the wrong type or value, strings that are not UTF-8, huge arrays, extra,
+missing or too many frames, tensor frames of the wrong size, and a few frames past the
+protocol's size limit. Everything
 comes from the seeded `rng`, so a run is the same every time.
 """
 

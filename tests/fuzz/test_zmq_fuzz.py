@@ -7,7 +7,8 @@
 (c) that worker's KV inbox (the address in its Hello): junk KV messages, then a real transfer
     lands and decodes;
 (d) a real prefill worker's KV ack inboxes (tcp and shm): junk, then a real KVAck still settles
-    its transfer.
+    its transfer; then its DEALER socket too, and a real prefill -> decode transfer (both
+    transports) still gives the colocated worker's tokens.
 Bad frames must be dropped with a log line; a worker process that exits fails the test.
 """
 
@@ -53,7 +54,7 @@ from tideserve.protocol import (
     encode,
 )
 
-NUM_JUNK = 700  # per socket; four sockets: 2,800 messages in all
+NUM_JUNK = 700  # per socket (the two ack inboxes: half each); about 4,200 messages in all
 TIMEOUT_S = 10.0
 
 
@@ -208,6 +209,7 @@ class FakeRouter:
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.sock.bind(self.address)
         self.heartbeats: dict[str, int] = {}
+        self.pending: list[tuple[str, object]] = []  # read, not yet expected (no heartbeats)
 
     def accept(self, proc: WorkerProcess) -> Hello:
         hello = self.expect(proc, Hello, timeout_s=120)
@@ -218,18 +220,25 @@ class FakeRouter:
         self.sock.send_multipart([wid.encode(), *frames])
 
     def expect(self, proc: WorkerProcess, kind, timeout_s: float = TIMEOUT_S, where=None):
-        """The next `kind` message from `proc`'s worker that satisfies `where`."""
+        """The next `kind` message from `proc`'s worker that satisfies `where` (a heartbeat:
+        the next one to arrive)."""
+        is_it = lambda wid, m: wid == proc.wid and isinstance(m, kind) and (where or bool)(m)
+        for i, (wid, msg) in enumerate(self.pending):
+            if is_it(wid, msg):
+                return self.pending.pop(i)[1]
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             proc.check_running()
             if not self.sock.poll(100):
                 continue
             ident, *frames = self.sock.recv_multipart()
-            msg, _ = decode(frames)
+            wid, msg = ident.decode(), decode(frames)[0]
             if isinstance(msg, Heartbeat):
-                self.heartbeats[msg.worker_id] = self.heartbeats.get(msg.worker_id, 0) + 1
-            if ident.decode() == proc.wid and isinstance(msg, kind) and (where or bool)(msg):
+                self.heartbeats[wid] = self.heartbeats.get(wid, 0) + 1
+            if is_it(wid, msg):
                 return msg
+            if not isinstance(msg, Heartbeat):
+                self.pending.append((wid, msg))
         raise AssertionError(f"no {kind.__name__} from {proc.wid} in {timeout_s} s{proc.tail()}")
 
     def close(self) -> None:
@@ -386,7 +395,8 @@ def test_worker_socket_survives_junk(router, colocated):
     before = generate(router, colocated, "before", [5, 6, 7])
     nan = Params(max_tokens=2, temperature=float("nan"))
     router.send(colocated.wid, encode(GenerateRequest("nan", [1], nan, 0)))
-    assert "temperature" in router.expect(colocated, RequestFailed).message
+    failed = router.expect(colocated, RequestFailed, where=lambda m: m.request_id == "nan")
+    assert "temperature" in failed.message
     send_junk(lambda f: router.send(colocated.wid, f), worker_samples(), seed=7)
     beats = router.heartbeats.get(colocated.wid, 0)
     router.expect(colocated, Heartbeat)
@@ -475,7 +485,7 @@ def raw(nbytes: int) -> np.ndarray:
 
 def hostile_transfers(reply: str) -> list[list]:
     """Well-formed transfers with hostile values: lists of (message, tensors) in order."""
-    layers = lambda rid: [(KVLayer(rid, i, LAYER), (layer_data(),)) for i in range(2)]  # noqa: E731
+    layers = lambda rid: [(KVLayer(rid, i, LAYER), (layer_data(),)) for i in range(2)]
     big = TensorMeta("float32", (2**62, 4))  # its byte count overflows int64 to 0
     huge = TensorMeta("float32", (2**63 - 1, 2))  # ... and this one to -8
     odd = TensorMeta("i4,i4", (2, 2, 5, 16))  # numpy parses it (8 bytes an item)
@@ -596,7 +606,7 @@ def test_ack_inboxes_survive_junk(router, prefill, colocated):
         for rid, address in reply.items():  # a real nack still settles the transfer
             sender = KVPeer(address)
             sender.send(encode(KVAck(rid, False, "refused by the test")))
-            is_it = lambda m, rid=rid: m.request_id == rid  # noqa: E731
+            is_it = lambda m, rid=rid: m.request_id == rid
             assert router.expect(prefill, RequestFailed, where=is_it).retryable
             sender.close()
         router.expect(prefill, Heartbeat, where=lambda m: m.num_inflight_kv == 0)
@@ -611,7 +621,7 @@ def test_ack_inboxes_survive_junk(router, prefill, colocated):
         kv_address = colocated.hello.kv_address
         req = PrefillRequest(rid, [5, 6, 7], GREEDY, 0, colocated.wid, kv_address, transport)
         router.send(prefill.wid, encode(req))
-        is_it = lambda m, rid=rid: m.request_id == rid  # noqa: E731
+        is_it = lambda m, rid=rid: m.request_id == rid
         first = router.expect(prefill, TokenChunk, where=is_it)
         assert [*first.token_ids, *collect(router, colocated, rid)] == expected
     prefill.check_alive()

@@ -65,7 +65,10 @@ def _workers(srv) -> list[dict]:
 def _wait_workers(srv, n: int, timeout_s: float = 60) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        ws = [w for w in _workers(srv) if w["state"] == "ready"]
+        try:
+            ws = [w for w in _workers(srv) if w["state"] == "ready"]
+        except OSError:  # not listening yet
+            ws = []
         if len(ws) == n:
             return ws
         time.sleep(0.2)
@@ -126,3 +129,45 @@ def test_sigkill_of_a_busy_worker_loses_no_request(server, expected, role):
             break
         time.sleep(0.2)
     assert all(b == 0 and k == 0 for _, b, k in held), held
+
+
+def test_a_restarted_router_gets_its_workers_back(tiny_dir, expected):
+    """The router restarts (as systemd would restart it): the running workers are told to
+    rejoin on their next heartbeat, and the new router serves with them, no worker restart."""
+    import subprocess
+    import sys
+
+    from tideserve.launcher import free_port
+
+    http, zmq_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{http}"
+    base = [sys.executable, "-m", "tideserve.cli", "--log-level", "INFO"]
+    router_cmd = base + [
+        "router", "--model", str(tiny_dir), "--served-model-name", "tiny", "--port", str(http),
+        "--worker-address", f"tcp://127.0.0.1:{zmq_port}",
+    ]  # fmt: skip
+    worker_cmd = base + [
+        "decode", "--role", "colocated", "--model", str(tiny_dir), "--dtype", "float32",
+        "--kv-cache-bytes", str(1 << 24), "--num-threads", "1", "--served-model-name", "tiny",
+        "--router-address", f"tcp://127.0.0.1:{zmq_port}", "--worker-id", "w0",
+    ]  # fmt: skip
+    srv = type("Srv", (), {"url": url, "output": lambda self: ""})()
+    procs = [subprocess.Popen(router_cmd), subprocess.Popen(worker_cmd)]
+    try:
+        _wait_workers(srv, 1)
+        worker_pid = _workers(srv)[0]["pid"]
+        assert _complete(srv, PROMPTS[0]) == expected[0]
+        procs[0].kill()
+        procs[0].wait()
+        procs[0] = subprocess.Popen(router_cmd)
+        _wait_workers(srv, 1)
+        assert _workers(srv)[0]["pid"] == worker_pid  # the same process, rejoined
+        assert _complete(srv, PROMPTS[1]) == expected[1]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -76,6 +76,7 @@ async def test_no_live_worker_parks_until_one_joins_then_times_out(tokenizer_dir
         dying = FakeWorker(addr, "a-dies", script, delay_s=0.02, die_after=2, prompt_len=2)
         late = FakeWorker(addr, "c-late", script, delay_s=0.01, prompt_len=2)
         dying2 = FakeWorker(addr, "d-dies", script, delay_s=0.02, die_after=2, prompt_len=2)
+        dying3 = FakeWorker(addr, "e-dies", script, delay_s=0.02, die_after=2, prompt_len=2)
         await dying.start()
         try:
             await wait_ready(client)
@@ -94,8 +95,16 @@ async def test_no_live_worker_parks_until_one_joins_then_times_out(tokenizer_dir
             text, events = _sse_text(await resp.text())
             assert resp.status == 200 and "error" in events[-1]  # an error event, not silence
             assert text == TEXT[: len(tok.decode(script[:2]))]
+
+            await _wait(lambda: "d-dies" not in r.cluster.workers)
+            await dying3.start()  # not streaming: an error status, never a 200 with half a body
+            body["stream"] = False
+            resp = await client.post("/v1/completions", json=body)
+            assert resp.status == 503 and resp.headers["Retry-After"]
+            assert "no worker could take it" in (await resp.json())["error"]["message"]
+            assert r.cluster.events["failed"] == 2
         finally:
-            for w in (dying, late, dying2):
+            for w in (dying, late, dying2, dying3):
                 await w.close()
 
 
