@@ -37,6 +37,7 @@ from router.openai_api import (
     usage_chunk,
 )
 from router.openapi import openapi_schema
+from router.window import SlidingWindow
 from tideserve.engine.stop import StopChecker
 from tideserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from tideserve.protocol import RequestFailed, TokenChunk
@@ -57,6 +58,8 @@ class Router:
         self.created = int(time.time())
         self.inflight = 0
         self.inflight_by_class = dict.fromkeys(cfg.admission_limits, 0)
+        self.waiting_by_class = dict.fromkeys(cfg.admission_limits, 0)  # no first token yet
+        self.window = SlidingWindow(cfg.stats_window_s)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -72,6 +75,11 @@ class Router:
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/cluster", self.cluster_state)
         app.router.add_get("/openapi.json", self.openapi)
+        app.router.add_get("/admin/stats", self.admin_stats)
+        app.router.add_post("/admin/workers/{worker_id}/drain", self.admin_drain)
+        app.router.add_post("/admin/workers/{worker_id}/resume", self.admin_resume)
+        app.router.add_post("/admin/workers/{worker_id}/limits", self.admin_limits)
+        app.router.add_post("/admin/workers/{worker_id}/role", self.admin_role)
         app.on_startup.append(lambda _: self.cluster.start())
         app.on_cleanup.append(lambda _: self.cluster.close())
         return app
@@ -117,7 +125,7 @@ class Router:
         return web.json_response(openapi_schema(self.cfg.max_body_bytes))
 
     async def cluster_state(self, request: web.Request) -> web.Response:
-        workers = [w.as_json() for w in self.cluster.workers.values()]
+        workers = self._workers_json()
         return web.json_response(
             {
                 "workers": workers,
@@ -126,6 +134,69 @@ class Router:
                 "requests_parked": len(self.cluster.parked),
             }
         )
+
+    def _workers_json(self) -> list[dict]:
+        c = self.cluster
+        return [w.as_json(c.requests_on(wid)) for wid, w in c.workers.items()]
+
+    # -- admin: what the autoscaler reads and does ---------------------------------------------
+
+    async def admin_stats(self, request: web.Request) -> web.Response:
+        """The cluster over the last `stats_window_s`: the autoscaler's observation."""
+        now, w = time.monotonic(), self.window
+        return web.json_response(
+            {
+                "time": time.time(),
+                "window_s": w.window_s,
+                "decode_tokens_per_s": w.rate(now, "completion"),
+                "prefill_tokens_per_s": w.rate(now, "prompt"),
+                "ttft_p90_s": w.p90(now, "ttft"),
+                "tpot_p90_s": w.p90(now, "tpot"),
+                "inflight": self.inflight_by_class,
+                "waiting": self.waiting_by_class,
+                "parked": len(self.cluster.parked),
+                "workers": self._workers_json(),
+            }
+        )
+
+    def _worker(self, request: web.Request) -> str:
+        wid = request.match_info["worker_id"]
+        if wid not in self.cluster.workers:
+            raise ApiError(404, f"no worker {wid!r}", "not_found_error", "worker_id")
+        return wid
+
+    async def admin_drain(self, request: web.Request) -> web.Response:
+        """No new work for the worker; its requests finish. Poll `requests` until 0."""
+        wid = self._worker(request)
+        w = self.cluster.drain(wid)
+        return web.json_response(w.as_json(self.cluster.requests_on(wid)))
+
+    async def admin_resume(self, request: web.Request) -> web.Response:
+        wid = self._worker(request)
+        w = self.cluster.drain(wid, on=False)
+        return web.json_response(w.as_json(self.cluster.requests_on(wid)))
+
+    async def admin_limits(self, request: web.Request) -> web.Response:
+        wid = self._worker(request)
+        body = await _json(request)
+        n = body.get("max_num_seqs") if isinstance(body, dict) else None
+        if type(n) is not int or not 1 <= n <= 1 << 16:
+            raise ApiError(400, "max_num_seqs must be an integer in 1..65536", param="max_num_seqs")
+        self.cluster.set_limits(wid, n)
+        return web.json_response({"id": wid, "max_num_seqs": n})
+
+    async def admin_role(self, request: web.Request) -> web.Response:
+        """Switches a drained, idle worker to another role (it keeps its weights)."""
+        wid = self._worker(request)
+        body = await _json(request)
+        role = body.get("role") if isinstance(body, dict) else None
+        if role not in ("prefill", "decode", "colocated"):
+            raise ApiError(400, "role must be prefill, decode or colocated", param="role")
+        try:
+            self.cluster.switch_role(wid, role)
+        except ValueError as e:
+            raise ApiError(409, str(e), "conflict_error") from None
+        return web.json_response({"id": wid, "role": role, "status": "switching"})
 
     # -- the two generation endpoints ----------------------------------------------------------
 
@@ -158,6 +229,8 @@ class Router:
             raise _overloaded(503, f"no worker is ready to serve this request: {e}") from None
         self.inflight += 1
         self.inflight_by_class[spec.slo_class] += 1
+        self.waiting_by_class[spec.slo_class] += 1
+        stream.waiting = True  # until its first token: the autoscaler's queue signal
         gen = self._events(stream, spec)
         try:
             if spec.stream:
@@ -166,6 +239,8 @@ class Router:
         finally:
             self.inflight -= 1
             self.inflight_by_class[spec.slo_class] -= 1
+            if stream.waiting:
+                self.waiting_by_class[spec.slo_class] -= 1
             self.cluster.abort(rid)  # no-op once finished; frees KV on a disconnect or error
 
     def _admit(self, slo_class: str) -> None:
@@ -235,10 +310,17 @@ class Router:
                     "server_error" if msg.retryable else "invalid_request_error",
                 )
             assert isinstance(msg, TokenChunk)
+            now = time.monotonic()
             if t_first is None:
-                t_first = time.monotonic()
+                t_first = now
                 self.metrics.ttft.labels(*labels).observe(t_first - t0)
+                stream.waiting = False
+                self.waiting_by_class[spec.slo_class] -= 1
+                self.window.add_tokens(now, "prompt", len(stream.prompt_token_ids))
+                if spec.slo_class == "interactive":
+                    self.window.add_latency(now, "ttft", t_first - t0)
             n += len(msg.token_ids)
+            self.window.add_tokens(now, "completion", len(msg.token_ids))
             text, stopped = stop.feed(detok.add(msg.token_ids))
             finish = "stop" if stopped else msg.finish_reason
             if finish is not None:
@@ -256,6 +338,8 @@ class Router:
         self.metrics.e2e.labels(*labels).observe(now - t0)
         if n > 1:
             self.metrics.tpot.labels(*labels).observe((now - t_first) / (n - 1))
+            if labels[0] == "interactive":
+                self.window.add_latency(now, "tpot", (now - t_first) / (n - 1))
         self.metrics.tokens.labels("prompt").inc(num_prompt)
         self.metrics.tokens.labels("completion").inc(n)
 

@@ -40,6 +40,8 @@ from tideserve.protocol import (
     ProtocolError,
     Rejoin,
     RequestFailed,
+    SetLimits,
+    SwitchRole,
     TokenChunk,
     Welcome,
     decode,
@@ -61,9 +63,16 @@ class Worker:
     hello: Hello
     last_seen: float
     stats: Heartbeat | None = None
-    state: str = "ready"
+    state: str = "ready"  # as the worker reports it
     pending_tokens: int = 0  # prompt tokens dispatched and not yet reported back
     pending_blocks: int = 0  # KV blocks of dispatches whose KV has not landed yet
+    draining: bool = False  # the router gives it no new work (scale-in, role switch)
+    registered_at: float = field(default_factory=time.time)  # wall clock, for the autoscaler
+    first_token_at: float | None = None  # when it first served a token (wall clock)
+
+    @property
+    def effective_state(self) -> str:
+        return "draining" if self.draining else self.state
 
     @property
     def worker_id(self) -> str:
@@ -76,7 +85,7 @@ class Worker:
         return WorkerView(
             worker_id=h.worker_id,
             role=h.role,
-            state=self.state,
+            state=self.effective_state,
             queued_prefill_tokens=queued + self.pending_tokens,
             kv_blocks_free=h.num_kv_blocks - used - self.pending_blocks,
             kv_blocks_total=h.num_kv_blocks,
@@ -84,14 +93,14 @@ class Worker:
             max_model_len=h.max_model_len,
         )
 
-    def as_json(self) -> dict:
+    def as_json(self, requests: int = 0) -> dict:
         h, s = self.hello, self.stats
         return {
             "id": h.worker_id,
             "role": h.role,
             "address": h.kv_address or h.host,
             "host": h.host,
-            "state": self.state,
+            "state": self.effective_state,
             "device": h.device,
             "pid": h.pid,
             "load": {
@@ -102,6 +111,10 @@ class Worker:
             },
             "kv_blocks_used": s.kv_blocks_used if s else 0,
             "kv_blocks_total": h.num_kv_blocks,
+            "max_num_seqs": s.max_num_seqs if s else 0,
+            "requests": requests,  # the router's requests that still need it
+            "registered_at": self.registered_at,
+            "first_token_at": self.first_token_at,
         }
 
 
@@ -126,6 +139,7 @@ class Stream:
     held: list[TokenChunk] = field(default_factory=list)  # decode tokens that overtook it
     tried: set[str] = field(default_factory=set)  # workers that failed this request
     parked_until: float | None = None  # waiting for capacity to re-dispatch, until then
+    waiting: bool = False  # admitted, no token yet (kept by the HTTP handler)
 
     @property
     def num_tokens_out(self) -> int:
@@ -159,6 +173,7 @@ class Cluster:
         self.wire: dict[str, str] = {}  # wire id of a live dispatch -> request id
         self.parked: dict[str, Stream] = {}  # request id -> stream waiting to be re-dispatched
         self.events: collections.Counter[str] = collections.Counter()  # for /metrics
+        self._rejoin_asked: dict[str, float] = {}  # worker id -> when it was told to rejoin
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -215,8 +230,8 @@ class Cluster:
         self.streams[stream.request_id] = stream
         try:
             self._dispatch(stream)
-        except NoCapacity:
-            self.streams.pop(stream.request_id, None)
+        except BaseException:
+            self._forget(stream)
             raise
 
     def _dispatch(self, s: Stream, exclude: frozenset[str] | None = None) -> None:
@@ -311,6 +326,40 @@ class Cluster:
             return
         fut.add_done_callback(check)
 
+    # -- admin: scale-in, role switch, batch caps ---------------------------------------------
+
+    def requests_on(self, worker_id: str) -> int:
+        """Requests that still need this worker (a prefill that handed off is free of them)."""
+        n = 0
+        for s in self.streams.values():
+            if s.target == worker_id:
+                n += 1
+            elif s.prefill == worker_id and not (s.kv_landed and s.got_first):
+                n += 1
+        return n
+
+    def drain(self, worker_id: str, on: bool = True) -> Worker:
+        """Stops (or resumes) giving the worker new work; raises KeyError for an unknown id."""
+        w = self.workers[worker_id]
+        if w.draining != on:
+            w.draining = on
+            log.info("worker %s %s", worker_id, "draining" if on else "back in service")
+        return w
+
+    def set_limits(self, worker_id: str, max_num_seqs: int) -> None:
+        self.workers[worker_id]  # KeyError for an unknown id
+        self._send(worker_id, SetLimits(max_num_seqs))
+
+    def switch_role(self, worker_id: str, role: str) -> None:
+        """Asks a drained, idle worker to take `role`; ValueError when it is not drained yet."""
+        w = self.workers[worker_id]
+        busy = self.requests_on(worker_id) or (
+            w.stats and (w.stats.num_running or w.stats.num_waiting)
+        )
+        if not w.draining or busy:
+            raise ValueError(f"worker {worker_id} must be drained and idle to switch roles")
+        self._send(worker_id, SwitchRole(role))
+
     # -- incoming ------------------------------------------------------------------------------
 
     async def _recv_loop(self) -> None:
@@ -334,7 +383,7 @@ class Cluster:
                 continue
             if not isinstance(msg, Hello) and ident not in self.workers:
                 if isinstance(msg, Heartbeat):  # a dropped worker is back: it must start over
-                    self._send(ident, Rejoin("this router had dropped you: say Hello again"))
+                    self._ask_to_rejoin(ident)
                 continue
             if ident in self.workers:
                 self.workers[ident].last_seen = time.monotonic()
@@ -342,6 +391,16 @@ class Cluster:
                 handler(msg)
             except Exception:  # NOTE: this loop is how the router hears workers: it must not die
                 log.exception("dropping a %s from %r that failed", type(msg).__name__, ident)
+
+    def _ask_to_rejoin(self, ident: str) -> None:
+        """Once a second at most: a worker back from a partition flushes many heartbeats."""
+        now = time.monotonic()
+        if now - self._rejoin_asked.get(ident, -1e9) < 1.0:
+            return
+        self._rejoin_asked[ident] = now
+        if len(self._rejoin_asked) > 10_000:  # bounded, whatever a peer sends
+            self._rejoin_asked = {ident: now}
+        self._send(ident, Rejoin("this router had dropped you: say Hello again"))
 
     def handle_hello(self, msg: Hello) -> None:
         old = self.workers.get(msg.worker_id)
@@ -402,6 +461,9 @@ class Cluster:
         self._deliver(s, msg)
 
     def _deliver(self, s: Stream, msg: TokenChunk) -> None:
+        w = self.workers.get(msg.worker_id)
+        if w is not None and w.first_token_at is None:
+            w.first_token_at = time.time()
         s.got_token = True
         s.output_token_ids.extend(msg.token_ids)
         if msg.finish_reason is not None:

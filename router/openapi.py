@@ -377,6 +377,27 @@ def _get(summary: str, responses: dict, is_open: bool = False) -> dict:
     return {"get": {"summary": summary, "responses": responses}}
 
 
+_WORKER_ID = {"name": "worker_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _admin(summary: str, body: dict | None = None) -> dict:
+    """A POST on one worker (operators and the autoscaler)."""
+    op = {
+        "summary": summary,
+        "parameters": [_WORKER_ID],
+        "responses": {
+            "200": {"description": "done", **_json({"type": "object"})},
+            "400": {"description": "a bad body", **_json(_ref("Error"))},
+            "401": {"description": _UNAUTHORIZED, **_json(_ref("Error"))},
+            "404": {"description": "no such worker", **_json(_ref("Error"))},
+            "409": {"description": "the worker is not drained and idle", **_json(_ref("Error"))},
+        },
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, **_json(body)}
+    return {"post": op}
+
+
 def openapi_schema(max_body_bytes: int) -> dict:
     """The OpenAPI 3.1 document of this router's HTTP API."""
     return {
@@ -429,6 +450,30 @@ def openapi_schema(max_body_bytes: int) -> dict:
                 "This document",
                 {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}},
                 is_open=True,
+            ),
+            "/admin/stats": _get(
+                "Rates, latency p90s and load over the last window (the autoscaler's input)",
+                {"200": {"description": "stats", **_json({"type": "object"})}},
+            ),
+            "/admin/workers/{worker_id}/drain": _admin("Give the worker no new work"),
+            "/admin/workers/{worker_id}/resume": _admin("Give the worker new work again"),
+            "/admin/workers/{worker_id}/limits": _admin(
+                "Cap the worker's running batch",
+                {
+                    "type": "object",
+                    "required": ["max_num_seqs"],
+                    "properties": {
+                        "max_num_seqs": {"type": "integer", "minimum": 1, "maximum": 1 << 16}
+                    },
+                },
+            ),
+            "/admin/workers/{worker_id}/role": _admin(
+                "Switch a drained, idle worker to another role (it keeps its weights)",
+                {
+                    "type": "object",
+                    "required": ["role"],
+                    "properties": {"role": {"enum": ["prefill", "decode", "colocated"]}},
+                },
             ),
         },
         "security": [{}, {"apiKey": []}],  # the key is needed only when the server has one

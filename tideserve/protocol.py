@@ -8,7 +8,8 @@ sizes, counts) and rejects other protocol versions in `Hello`. Nothing is ever p
 
 Who sends what:
     worker -> router     Hello, Heartbeat, Goodbye, TokenChunk, RequestFailed
-    router -> worker     PrefillRequest, GenerateRequest, AbortRequest, Welcome, Rejoin
+    router -> worker     PrefillRequest, GenerateRequest, AbortRequest, Welcome, Rejoin,
+                         SetLimits, SwitchRole
     prefill -> decode    KVBegin, KVLayer (+ tensor frame, or a shm notice), KVDone, KVAbort
     decode -> prefill    KVAck
 Structs are positional (array_like, so one union decodes them all); new fields are only ever
@@ -102,6 +103,20 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True, frozen=True):
     kv_blocks_used: int
     kv_blocks_total: int
     num_inflight_kv: int = 0  # transfers under way into or out of this worker
+    max_num_seqs: int = 0  # its batch cap now (the autoscaler's local backpressure moves it)
+
+
+class SetLimits(msgspec.Struct, tag="set_limits", array_like=True, frozen=True):
+    """Router -> worker: cap the running batch (Chiron's local backpressure)."""
+
+    max_num_seqs: int
+
+
+class SwitchRole(msgspec.Struct, tag="switch_role", array_like=True, frozen=True):
+    """Router -> a drained worker: take another role with the weights it has, then say Hello
+    again under it."""
+
+    role: Role
 
 
 class Goodbye(msgspec.Struct, tag="goodbye", array_like=True, frozen=True):
@@ -206,6 +221,8 @@ Message = (
     Hello
     | Welcome
     | Rejoin
+    | SetLimits
+    | SwitchRole
     | Heartbeat
     | Goodbye
     | PrefillRequest

@@ -10,6 +10,7 @@ owns the CPU/GPU while it steps, and the poll between steps is the only wait.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -31,6 +32,8 @@ from tideserve.protocol import (
     Params,
     ProtocolError,
     Rejoin,
+    SetLimits,
+    SwitchRole,
     Welcome,
     decode,
     encode,
@@ -142,11 +145,22 @@ class WorkerLoop:
         extra_sockets: list[zmq.Socket] = (),
         on_poll: Callable[[], None] = lambda: None,
         drop_all: Callable[[], None] = lambda: None,
+        engine=None,
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self.cfg = cfg
         self.link = link
-        self.handlers = {Rejoin: self._rejoin, Welcome: self._welcome, **handlers}
+        self.handlers = {
+            Rejoin: self._rejoin,
+            Welcome: self._welcome,
+            SetLimits: self._set_limits,
+            SwitchRole: self._switch_role,
+            **handlers,
+        }
         self.drop_all = drop_all  # abandons every request (the router has moved them)
+        self.engine = engine
+        self.busy = busy  # holds requests or transfers: it may not switch roles
+        self.switch_to: str | None = None  # set when run() returns to take another role
         self.step = step
         self.stats = stats
         self.on_poll = on_poll
@@ -192,6 +206,25 @@ class WorkerLoop:
         self.drop_all()
         self.link.send(self.link.hello)
         self._rejoin_sent_until = time.monotonic() + self.cfg.connect_timeout_s  # then: lost
+
+    def _set_limits(self, msg: SetLimits) -> None:
+        if self.engine is None or msg.max_num_seqs < 1:
+            log.warning("ignoring %s", msg)
+            return
+        sched = self.engine.scheduler
+        if sched.config.max_num_seqs != msg.max_num_seqs:
+            log.info("max_num_seqs %d -> %d", sched.config.max_num_seqs, msg.max_num_seqs)
+            sched.config = dataclasses.replace(sched.config, max_num_seqs=msg.max_num_seqs)
+
+    def _switch_role(self, msg: SwitchRole) -> None:
+        if msg.role == self.cfg.role:
+            return
+        if self.busy():
+            log.warning("not switching to %s: requests are still running here", msg.role)
+            return
+        log.info("switching role %s -> %s (the weights stay loaded)", self.cfg.role, msg.role)
+        self.switch_to = msg.role
+        self.stopping = True
 
     def _welcome(self, msg: Welcome) -> None:
         self._rejoin_sent_until = 0.0
@@ -245,4 +278,5 @@ def engine_stats(cfg: WorkerConfig, engine, state: str, num_inflight_kv: int = 0
         kv_blocks_used=engine.num_total_blocks - engine.num_free_blocks,
         kv_blocks_total=engine.num_total_blocks,
         num_inflight_kv=num_inflight_kv,
+        max_num_seqs=sched.config.max_num_seqs,
     )

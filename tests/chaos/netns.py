@@ -176,9 +176,10 @@ class Topology:
 
     def close(self) -> None:
         """Kills whatever still runs in the namespaces and deletes them; idempotent."""
-        if self.delay_line is not None and self.delay_line.poll() is None:
-            self.delay_line.kill()
-            self.delay_line.wait()
+        if self.delay_line is not None:
+            if self.delay_line.poll() is None:
+                self.delay_line.kill()
+            self.delay_line.communicate()  # reaps it and closes its pipes
         for ns in reversed(self._made):
             _kill_all_in(ns)
             _run("ip", "netns", "del", ns, check=False)
@@ -232,8 +233,12 @@ class Topology:
     # -- faults --------------------------------------------------------------------------------
 
     def has_netem(self) -> bool:
-        add = ["tc", "-n", self.wan, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]
-        if shutil.which("tc") is None or subprocess.run(add, capture_output=True).returncode:
+        """Whether the kernel has sch_netem (tried on the wan namespace's loopback)."""
+        if shutil.which("tc") is None:
+            return False
+        try:
+            _run("tc", "-n", self.wan, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms")
+        except subprocess.CalledProcessError:
             return False
         _run("tc", "-n", self.wan, "qdisc", "del", "dev", "lo", "root", check=False)
         return True

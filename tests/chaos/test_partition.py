@@ -286,7 +286,6 @@ def test_partition_of_the_decode_host_loses_no_request(topo, cluster, expected):
             during += run([a])
             time.sleep(PARTITION_S / len(DURING))
         time.sleep(max(0.0, t_cut + PARTITION_S - time.monotonic()))
-        dropped_in_partition = topo.dropped_packets().get("partition", 0)
         topo.heal("decode")
         t_heal = time.monotonic()
         back = ctl.submit(_wait_ready, 60).result()
@@ -309,7 +308,7 @@ def test_partition_of_the_decode_host_loses_no_request(topo, cluster, expected):
         f"retries (429/503 + Retry-After); faults: latency {topo.faults['latency']} (rtt "
         f"{rtt_ms:.0f} ms), loss {topo.faults['loss']} ({drops.get('loss', 0)} packets dropped), "
         f"partition of the decode host for {PARTITION_S:g} s ({topo.faults['partition']}; "
-        f"{dropped_in_partition} packets dropped); router: {delta.get('worker_dropped', 0):g} "
+        f"{topo.partition_drops} packets dropped); router: {delta.get('worker_dropped', 0):g} "
         f"worker drops, {delta.get('parked', 0):g} requests parked, "
         f"{delta.get('redispatched', 0):g} re-dispatched, {delta.get('failed', 0):g} failed; "
         f"decode back {recovery_s:.1f} s after the heal; {time.monotonic() - t_start:.0f} s"

@@ -11,9 +11,7 @@ import time
 import pytest
 import zmq
 
-from decode_worker.worker import DecodeWorker
 from kv_transfer import make_receiver, make_sender
-from prefill_worker.worker import PrefillWorker
 from tideserve.config import EngineConfig
 from tideserve.engine.engine import LLMEngine
 from tideserve.protocol import (
@@ -24,6 +22,8 @@ from tideserve.protocol import (
     RequestFailed,
     TokenChunk,
 )
+from tideserve.roles.decode import DecodeWorker
+from tideserve.roles.prefill import PrefillWorker
 from tideserve.tensor_frames import meta_of
 from tideserve.worker import WorkerConfig
 

@@ -40,6 +40,8 @@ MESSAGES = [
     p.Welcome(True),
     p.Welcome(False, "nope"),
     p.Rejoin("dropped after missed heartbeats"),
+    p.SetLimits(8),
+    p.SwitchRole("prefill"),
     p.Heartbeat("w1", "ready", 1, 2, 300, 4, 100, 1),
     p.Goodbye("w1", "bye"),
     p.PrefillRequest("r1", [1, 2, 3], PARAMS, 0, "w2", "tcp://h:1", "tcp"),

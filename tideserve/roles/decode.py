@@ -1,0 +1,160 @@
+"""The decode worker (FuDG) and the colocated worker (NoDG, `--role colocated`).
+
+Decode lifecycle of a request: KVBegin (reserve blocks; no room -> KVAck(ok=False)) -> KVLayer
+x num_layers (copied into the cache as they arrive) -> KVDone with the prefill's first token
+(join the running batch, KVAck ok) -> one TokenChunk per step -> TokenChunk with finish_reason.
+An AbortRequest, a KVAbort or a transfer that stalls past `kv_timeout_s` frees the blocks.
+A colocated worker also takes GenerateRequest and runs the whole request itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kv_transfer import (
+    KVAbortEvent,
+    KVBeginEvent,
+    KVDoneEvent,
+    KVLayerEvent,
+)
+from tideserve.engine.engine import LLMEngine
+from tideserve.protocol import (
+    AbortRequest,
+    GenerateRequest,
+    RequestFailed,
+    TokenChunk,
+)
+from tideserve.worker import (
+    RouterLink,
+    WorkerConfig,
+    WorkerLoop,
+    engine_stats,
+    to_sampling_params,
+)
+
+log = logging.getLogger(__name__)
+ABORTED_TTL_S = 60.0
+
+
+class DecodeWorker:
+    def __init__(self, cfg: WorkerConfig, engine: LLMEngine, link: RouterLink, receiver) -> None:
+        self.cfg = cfg
+        self.wid = cfg.resolved_id
+        self.engine = engine
+        self.link = link
+        self.receiver = receiver
+        self.importing: set[str] = set()
+        self.aborted: dict[str, float] = {}  # request id -> when; late KV for these is refused
+        handlers = {AbortRequest: self.handle_abort}
+        if cfg.role == "colocated":
+            handlers[GenerateRequest] = self.handle_generate
+        self.loop = WorkerLoop(
+            cfg,
+            link,
+            handlers,
+            self.step,
+            self.stats,
+            receiver.sockets,
+            self.poll_kv,
+            self.drop_all,
+            engine,
+            lambda: engine.has_unfinished() or bool(self.importing),
+        )
+
+    # -- router messages ---------------------------------------------------------------------
+
+    def handle_generate(self, msg: GenerateRequest) -> None:
+        try:
+            params = to_sampling_params(msg.params)
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, msg.priority)
+        except (ValueError, TypeError) as e:
+            self.link.send(RequestFailed(msg.request_id, self.wid, str(e)))
+
+    def handle_abort(self, msg: AbortRequest) -> None:
+        self.aborted[msg.request_id] = time.monotonic()
+        self.importing.discard(msg.request_id)
+        self.engine.abort(msg.request_id)
+
+    def drop_all(self) -> None:
+        for rid in list(self.importing):  # a refusing ack lets the sender free it now
+            self._fail_import(rid, "the decode worker rejoined the router")
+        for rid in list(self.engine.seqs):
+            self.handle_abort(AbortRequest(rid))
+
+    # -- KV from prefill workers -------------------------------------------------------------
+
+    def poll_kv(self) -> None:
+        for ev in self.receiver.poll():
+            try:
+                self._handle_kv(ev)
+            except (KeyError, ValueError) as e:
+                rid = getattr(ev, "request_id", None) or ev.msg.request_id
+                log.warning("request %s: dropping KV event %s: %s", rid, type(ev).__name__, e)
+                self._fail_import(rid, str(e))
+        now = time.monotonic()
+        for rid in self.receiver.expired(now):
+            log.warning("request %s: KV transfer timed out", rid)
+            self._fail_import(rid, "KV transfer timed out")
+        for rid, t in list(self.aborted.items()):
+            if now - t > ABORTED_TTL_S:
+                del self.aborted[rid]
+
+    def _handle_kv(self, ev) -> None:
+        if isinstance(ev, KVBeginEvent):
+            m = ev.msg
+            if m.request_id in self.aborted:
+                self.receiver.ack(m.request_id, False, "aborted")
+                return
+            params = to_sampling_params(m.params)
+            ok = self.engine.begin_import(
+                m.request_id,
+                m.prompt_token_ids,
+                m.output_token_ids,
+                m.num_kv_tokens,
+                params,
+                m.priority,
+            )
+            if ok:
+                self.importing.add(m.request_id)
+            else:
+                self.receiver.ack(m.request_id, False, "no free KV blocks on the decode worker")
+        elif isinstance(ev, KVLayerEvent):
+            if ev.request_id in self.importing:
+                self.engine.import_kv_layer(ev.request_id, ev.layer, ev.tensor)
+        elif isinstance(ev, KVDoneEvent):
+            if ev.request_id in self.importing:
+                self.importing.discard(ev.request_id)
+                self.engine.finish_import(ev.request_id, list(ev.output_token_ids))
+                self.receiver.ack(ev.request_id, True)
+        elif isinstance(ev, KVAbortEvent):
+            if ev.request_id in self.importing:
+                self.importing.discard(ev.request_id)
+                self.engine.abort(ev.request_id)
+
+    def _fail_import(self, rid: str, reason: str) -> None:
+        if rid in self.importing:
+            self.importing.discard(rid)
+            self.engine.abort(rid)
+        self.receiver.ack(rid, False, reason)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        if not self.engine.has_unfinished():
+            return False
+        for out in self.engine.step(on_layer=self.loop.heartbeat):
+            self.link.send(
+                TokenChunk(
+                    request_id=out.request_id,
+                    worker_id=self.wid,
+                    token_ids=out.new_token_ids,
+                    finish_reason=out.finish_reason,
+                    num_prompt_tokens=out.num_prompt_tokens,
+                    logprobs=out.new_logprobs or None,
+                )
+            )
+        return True
+
+    def stats(self):
+        return engine_stats(self.cfg, self.engine, "ready", len(self.importing))

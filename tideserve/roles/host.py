@@ -1,0 +1,110 @@
+"""A worker process: one engine and one router link, serving one role after another.
+
+run_worker: load the CURVE keys and the engine -> connect to the router -> loop { build the
+role (its KV endpoints are made once, on first need: senders for prefill, a receiver for
+decode/colocated) -> Hello under that role -> run until stopped or told to `SwitchRole` } ->
+Goodbye, close. A role switch keeps the weights and the KV cache allocation; the router only
+asks a drained worker, and a busy one refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from tideserve.worker import RouterLink, WorkerConfig, make_hello
+
+log = logging.getLogger(__name__)
+
+
+class KVEndpoints:
+    """The worker's KV sockets, each made the first time a role needs it."""
+
+    def __init__(self, cfg: WorkerConfig, ctx, keys) -> None:
+        self.cfg, self.ctx, self.keys = cfg, ctx, keys
+        self._senders = None
+        self._receiver = None
+        self.transports = tuple(t for t in cfg.kv_transports if t in ("shm", "tcp")) or ("tcp",)
+
+    def senders(self) -> dict:
+        from kv_transfer import make_sender
+
+        if self._senders is None:
+            cfg = self.cfg
+            self._senders = {
+                t: make_sender(
+                    t, self.ctx, bind_host=cfg.host, timeout_s=cfg.kv_timeout_s, curve=self.keys
+                )
+                for t in ("tcp", "shm")
+            }
+        return self._senders
+
+    def receiver(self):
+        from kv_transfer import make_receiver
+
+        if self._receiver is None:
+            cfg = self.cfg
+            self._receiver = make_receiver(
+                self.transports[0],
+                self.ctx,
+                bind_host=cfg.host,
+                port=cfg.kv_port,
+                timeout_s=cfg.kv_timeout_s,
+                curve=self.keys,
+            )
+        return self._receiver
+
+    def close(self) -> None:
+        for s in (self._senders or {}).values():
+            s.close()
+        if self._receiver is not None:
+            self._receiver.close()
+
+
+def build_role(cfg: WorkerConfig, engine, link: RouterLink, kv: KVEndpoints):
+    """(the role's worker object, its Hello)."""
+    if cfg.role == "prefill":
+        from tideserve.roles.prefill import PrefillWorker
+
+        return PrefillWorker(cfg, engine, link, kv.senders()), make_hello(cfg, engine, "", ())
+    from tideserve.roles.decode import DecodeWorker
+
+    receiver = kv.receiver()
+    hello = make_hello(cfg, engine, receiver.address, kv.transports)
+    return DecodeWorker(cfg, engine, link, receiver), hello
+
+
+def run_worker(cfg: WorkerConfig) -> None:
+    import zmq
+
+    from tideserve.engine.engine import LLMEngine
+    from tideserve.security import load_curve_keys, start_authenticator
+
+    cfg = dataclasses.replace(cfg, worker_id=cfg.resolved_id)  # the id outlives role switches
+    keys = load_curve_keys(cfg.curve_keys)  # before the engine loads: a bad dir fails fast
+    engine = LLMEngine.from_config(cfg.engine)
+    ctx = zmq.Context()
+    auth = start_authenticator(ctx, keys) if keys else None
+    link = RouterLink(ctx, cfg.router_address, cfg.worker_id, keys)
+    kv = KVEndpoints(cfg, ctx, keys)
+    worker = None
+    try:
+        while True:
+            worker, hello = build_role(cfg, engine, link, kv)
+            worker.loop.install_signal_handlers()
+            link.handshake(hello, cfg.connect_timeout_s)
+            log.info("%s ready as %s%s", cfg.worker_id, cfg.role,
+                     f": KV at {hello.kv_address}" if hello.kv_address else "")  # fmt: skip
+            worker.loop.run()
+            if worker.loop.switch_to is None:
+                break
+            cfg = dataclasses.replace(cfg, role=worker.loop.switch_to)
+    finally:
+        for rid in list(engine.seqs):
+            engine.abort(rid)
+        if worker is not None:
+            worker.loop.say_goodbye("stopping")
+        kv.close()
+        if auth is not None:
+            auth.stop()
+        ctx.destroy(linger=500)
