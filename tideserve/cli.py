@@ -27,7 +27,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--num-threads",
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads of this worker (several workers on one CPU: give each a share)",
+    )
 
 
 def add_security_args(p: argparse.ArgumentParser, http: bool) -> None:
@@ -98,6 +104,8 @@ def worker_config(args: argparse.Namespace, role: str):
         kv_port=args.kv_port,
         served_model_name=args.served_model_name,
         curve_keys=args.curve_keys,
+        kv_timeout_s=args.kv_timeout,
+        drain_timeout_s=args.drain_timeout,
         engine=EngineConfig(**{**engine.__dict__, "model": model_path(engine.model)}),
     )
 
@@ -241,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         w.add_argument("--kv-port", type=int, default=0)
         w.add_argument("--served-model-name", default="")
+        w.add_argument(
+            "--kv-timeout", type=float, default=30.0, help="a KV transfer stalled this long fails"
+        )
+        w.add_argument(
+            "--drain-timeout",
+            type=float,
+            default=60.0,
+            help="on SIGTERM, how long running requests may take to finish (SIGINT: stop now)",
+        )
         add_security_args(w, http=False)
         add_engine_args(w)
         w.set_defaults(func=cmd_prefill if name == "prefill" else cmd_decode)

@@ -258,9 +258,9 @@ Ctrl-C stops it.""",
 
 
 def _stop_all(children: list[subprocess.Popen]) -> None:
-    for c in reversed(children):  # workers first (they say goodbye), the router last
-        if c.poll() is None:
-            c.terminate()
+    for i, c in reversed(list(enumerate(children))):  # workers first (they say goodbye),
+        if c.poll() is None:  # the router last; SIGINT: a worker stops without draining
+            c.send_signal(signal.SIGTERM if i == 0 else signal.SIGINT)
     deadline = time.monotonic() + GRACE_S
     for c in children:
         try:

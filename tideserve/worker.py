@@ -55,6 +55,7 @@ class WorkerConfig:
     heartbeat_interval_s: float = 0.5
     connect_timeout_s: float = 30.0  # how long to wait for the router's Welcome
     kv_timeout_s: float = 30.0  # a KV transfer that does not complete in this time is aborted
+    drain_timeout_s: float = 60.0  # SIGTERM: how long running requests may take to finish
     curve_keys: str = ""  # CURVE key directory for every ZMQ socket; "" = plaintext
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -161,6 +162,8 @@ class WorkerLoop:
         self.engine = engine
         self.busy = busy  # holds requests or transfers: it may not switch roles
         self.switch_to: str | None = None  # set when run() returns to take another role
+        self.draining = False  # SIGTERM: finish what is here, take nothing new, then stop
+        self.drain_deadline = 0.0
         self.step = step
         self.stats = stats
         self.on_poll = on_poll
@@ -172,11 +175,27 @@ class WorkerLoop:
         self._rejoin_sent_until = 0.0  # a rejoining Hello awaits its Welcome until then
 
     def install_signal_handlers(self) -> None:
+        """SIGINT stops now (what is left moves to other workers); SIGTERM drains first: no
+        new work, the requests here finish (at most `drain_timeout_s`), then stop. So any
+        supervisor's stop (systemd, docker, kubernetes) is a drain-safe scale-in."""
+
         def stop(signum, frame):
             self.stopping = True
 
-        signal.signal(signal.SIGTERM, stop)
+        def drain(signum, frame):
+            if self.draining:
+                self.stopping = True  # asked twice: stop now
+                return
+            self.draining = True
+            self.drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
+            self._next_beat = 0.0  # tell the router at once
+
+        signal.signal(signal.SIGTERM, drain)
         signal.signal(signal.SIGINT, stop)
+
+    @property
+    def state(self) -> str:
+        return "draining" if self.draining else "ready"
 
     def run(self) -> None:
         busy = False
@@ -194,6 +213,9 @@ class WorkerLoop:
             self.on_poll()
             busy = self.step()
             self.heartbeat()
+            if self.draining and (not self.busy() or time.monotonic() > self.drain_deadline):
+                log.info("drained%s: stopping", "" if not self.busy() else " (timed out)")
+                self.stopping = True
 
     def _rejoin(self, msg: Rejoin) -> None:
         # NOTE: the router asks once per heartbeat it heard while we were dropped (a partition

@@ -171,3 +171,41 @@ def test_a_restarted_router_gets_its_workers_back(tiny_dir, expected):
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_sigterm_drains_the_worker_before_it_stops(tiny_dir, expected):
+    """SIGTERM (what systemd, docker and kubernetes send to scale in): the worker takes no new
+    work, finishes the request it holds itself (nothing is re-dispatched), then exits 0."""
+    import subprocess
+    import sys
+
+    from tideserve.launcher import free_port
+
+    http, zmq_port = free_port(), free_port()
+    srv = type("Srv", (), {"url": f"http://127.0.0.1:{http}", "output": lambda self: ""})()
+    base = [sys.executable, "-m", "tideserve.cli", "--log-level", "INFO"]
+    router = subprocess.Popen(base + [
+        "router", "--model", str(tiny_dir), "--served-model-name", "tiny", "--port", str(http),
+        "--worker-address", f"tcp://127.0.0.1:{zmq_port}",
+    ])  # fmt: skip
+    worker = subprocess.Popen(base + [
+        "decode", "--role", "colocated", "--model", str(tiny_dir), "--dtype", "float32",
+        "--kv-cache-bytes", str(1 << 24), "--num-threads", "1", "--served-model-name", "tiny",
+        "--router-address", f"tcp://127.0.0.1:{zmq_port}", "--worker-id", "w0",
+    ])  # fmt: skip
+    try:
+        _wait_workers(srv, 1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            os.kill(worker.pid, signal.SIGSTOP)
+            fut = pool.submit(_complete, srv, PROMPTS[2])  # waits in the worker's socket
+            time.sleep(0.3)
+            os.kill(worker.pid, signal.SIGTERM)  # delivered as soon as it runs again
+            os.kill(worker.pid, signal.SIGCONT)
+            assert fut.result(timeout=60) == expected[2]
+        assert worker.wait(30) == 0
+        events = _events(srv)
+        assert events.get("redispatched", 0) == 0 and events.get("failed", 0) == 0
+    finally:
+        for p in (worker, router):
+            p.kill()
+            p.wait()

@@ -163,6 +163,12 @@ class Cluster:
         return [(t, a) for t, a in self.actions if isinstance(a, ScaleTo) and t >= since]
 
 
+def reversals(counts: list[int]) -> int:
+    """How often a sequence of counts turns from growing to shrinking or back."""
+    steps = [b - a for a, b in zip(counts, counts[1:]) if b != a]
+    return sum(1 for a, b in zip(steps, steps[1:]) if (a > 0) != (b > 0))
+
+
 # --- the three scaling policies, side by side ---------------------------------------------
 
 
@@ -184,7 +190,7 @@ def test_step_down_waits_for_the_stabilization_window(name):
     c.run((LOW, 80))
     downs = c.scales(since=drop)
     assert downs and downs[0][0] - drop >= SHRINK_AFTER_S[name]
-    assert all(sum(a.targets.values()) < 8 for _, a in downs)
+    assert reversals([h["decode"] for h in c.history[30:]]) == 0  # only down once it drops
     assert c.count("decode") == BOUNDS.min_decode and c.count("prefill") == BOUNDS.min_prefill
     if name == "slo":  # nothing leaked: the caps it set are only for workers that still exist
         assert set(c.policy.caps) <= set(c.workers)
@@ -193,10 +199,10 @@ def test_step_down_waits_for_the_stabilization_window(name):
 @pytest.mark.parametrize("name", SCALING)
 def test_oscillating_load_does_not_flap(name):
     c = Cluster(name, prefill=1, decode=1).run(*[(HIGH, 1), (LOW, 1)] * 60)
-    scales = c.scales()
-    assert len(scales) <= 4
+    assert len(c.scales()) <= 4
     decode = [h["decode"] for h in c.history]
     assert decode == sorted(decode)  # grows to what the peaks need, never shrinks back
+    assert reversals([h["prefill"] for h in c.history]) <= 1  # coordinated: guard, then ratio
 
 
 @pytest.mark.parametrize(
@@ -212,7 +218,7 @@ def test_oscillating_load_does_not_flap(name):
 def test_latency_guard_catches_a_lagging_throughput_metric(name, load, grows):
     """Throughput says one worker is plenty, but p90 latency breaches the SLO. utilization, the
     HPA baseline, looks at busy fraction and queues only, so it does not react."""
-    c = Cluster(name, prefill=1, decode=1).run((load, 6))
+    c = Cluster(name, prefill=1, decode=1).run((load, 3))
     scales = c.scales()
     if grows is None:
         assert scales == []
@@ -330,12 +336,9 @@ def test_colocated_cluster_scales_the_colocated_pool():
 def test_slo_additive_increase_up_to_the_cap_only_when_the_cap_binds():
     s = make_policy("slo", Bounds(), SLO(), batch_cap=20, batch_interval_s=0.0)
     busy = WorkerObs("d1", "decode", "ready", 16, 3, 0, 0, 100, 16)
-    caps = [
-        a.max_num_seqs
-        for t in range(3)
-        for a in s.decide(obs(now=t, workers=(busy,), tpot_p90_s=0.1))
-    ]
-    assert caps == [20]  # 16 + 4, then it stays at the cap (the observed 16 lags: ours wins)
+    seen = [s.decide(obs(now=t, workers=(busy,), tpot_p90_s=0.1)) for t in range(3)]
+    caps = [a.max_num_seqs for actions in seen for a in actions if isinstance(a, SetMaxBatch)]
+    assert caps == [20]  # 16 + 4 once, though the worker still reports 16 (it lags)
     idle = WorkerObs("d2", "decode", "ready", 2, 0, 0, 0, 100, 8)
     assert s.decide(obs(workers=(idle,), tpot_p90_s=0.1)) == []
 

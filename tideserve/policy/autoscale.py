@@ -486,7 +486,7 @@ class SLOPolicy:
                 new, why = min(o.batch_cap, cap + o.batch_increase), f"< {o.tpot_slack} x"
             else:
                 continue
-            if new != cap:
+            if new != cap and (mine is None or new != mine[0]):  # NOTE: asked once is enough
                 self.caps[w.worker_id] = (new, obs.now)
                 reason = (
                     f"{w.worker_id} batch cap {cap}->{new}: TPOT p90 {_s(tpot)} {why} {_s(slo)}"

@@ -157,4 +157,4 @@ class DecodeWorker:
         return True
 
     def stats(self):
-        return engine_stats(self.cfg, self.engine, "ready", len(self.importing))
+        return engine_stats(self.cfg, self.engine, self.loop.state, len(self.importing))

@@ -184,4 +184,4 @@ class PrefillWorker:
         self.link.send(RequestFailed(rid, self.wid, message, retryable))
 
     def stats(self):
-        return engine_stats(self.cfg, self.engine, "ready", len(self.streaming))
+        return engine_stats(self.cfg, self.engine, self.loop.state, len(self.streaming))
