@@ -1,1 +1,0 @@
-"""tideserve autoscaler service (see DESIGN.md)."""

@@ -149,6 +149,20 @@ def cmd_router(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tideserve.launcher import ServeConfig, serve
 
+    if args.autoscale:  # bad autoscaling flags fail here, before anything starts
+        from tideserve.policy.autoscale import SLO, make_policy
+
+        try:
+            make_policy(
+                args.policy,
+                autoscale_bounds(args, args.mode == "colocated"),
+                SLO(args.slo_ttft, args.slo_tpot, args.slo_batch_deadline),
+                **_key_values(args.policy_option, "--policy-option"),
+            )
+        except ValueError as e:
+            print(f"tideserve serve: {e}", file=sys.stderr)
+            return 2
+
     cfg = ServeConfig(
         model=model_path(args.model),
         mode=args.mode,
@@ -170,8 +184,142 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         protect_metrics=args.protect_metrics,
         curve_keys=args.curve_keys,
+        autoscale=args.autoscale,
+        autoscaler_args=tuple(_autoscaler_flags(args)) if args.autoscale else (),
     )
     return serve(cfg)
+
+
+def _autoscaler_flags(args: argparse.Namespace) -> list[str]:
+    """`serve --autoscale`'s autoscaling flags, for the autoscaler process."""
+    out = ["--policy", args.policy, "--actuator", "local", "--interval", str(args.interval)]
+    out += ["--drain-timeout", str(args.drain_timeout), "--slo-ttft", str(args.slo_ttft)]
+    out += ["--slo-tpot", str(args.slo_tpot), "--slo-batch-deadline", str(args.slo_batch_deadline)]
+    if args.metrics_port:
+        out += ["--metrics-port", str(args.metrics_port)]
+    for opt in args.policy_option:
+        out += ["--policy-option", opt]
+    for role in ("prefill", "decode", "colocated"):
+        for end in ("min", "max"):
+            v = getattr(args, f"{end}_{role}")
+            if v is not None:
+                out += [f"--{end}-{role}", str(v)]
+    return out
+
+
+def _key_values(items: list[str], what: str) -> dict:
+    """KEY=VALUE strings -> a dict with numbers and booleans parsed."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"tideserve: {what} must be KEY=VALUE, got {item!r}")
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = value
+    return out
+
+
+def worker_engine_args(args: argparse.Namespace) -> list[str]:
+    """The engine flags a launched worker needs, from this command's own."""
+    out = ["--model", model_path(args.model), "--dtype", args.dtype, "--device", args.device]
+    out += ["--max-num-seqs", str(args.max_num_seqs)]
+    out += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.kv_cache_bytes:
+        out += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
+    if args.served_model_name:
+        out += ["--served-model-name", args.served_model_name]
+    if args.curve_keys:
+        out += ["--curve-keys", os.path.abspath(args.curve_keys)]
+    return out
+
+
+def add_autoscale_args(p: argparse.ArgumentParser) -> None:
+    from autoscaler.actuators import ACTUATORS
+    from tideserve.policy.autoscale import POLICIES
+
+    p.add_argument("--policy", default="coordinated", choices=POLICIES)
+    p.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy option (docs/autoscaling.md), e.g. decode_tps_per_worker=40",
+    )
+    for role, lo, hi in (("prefill", 0, 4), ("decode", 1, 4), ("colocated", 0, 4)):
+        p.add_argument(f"--min-{role}", type=int, default=None, help=f"default {lo}")
+        p.add_argument(f"--max-{role}", type=int, default=None, help=f"default {hi}")
+    p.add_argument("--slo-ttft", type=float, default=2.0, help="interactive TTFT p90 target, s")
+    p.add_argument("--slo-tpot", type=float, default=0.2, help="interactive TPOT p90 target, s")
+    p.add_argument("--slo-batch-deadline", type=float, default=600.0)
+    p.add_argument("--actuator", default="local", choices=ACTUATORS)
+    p.add_argument("--actuator-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between decisions")
+    p.add_argument("--drain-timeout", type=float, default=120.0)
+    p.add_argument("--metrics-port", type=int, default=0, help="its own /metrics; 0 = none")
+
+
+def autoscale_bounds(args: argparse.Namespace, colocated: bool):
+    from tideserve.policy.autoscale import Bounds
+
+    d = Bounds()
+    if colocated:  # one pool: --min/max-decode mean the colocated workers too
+        lo = args.min_colocated if args.min_colocated is not None else args.min_decode
+        hi = args.max_colocated if args.max_colocated is not None else args.max_decode
+        return Bounds(0, 0, 0, 0, 1 if lo is None else lo, d.max_colocated if hi is None else hi)
+    pick = lambda v, default: default if v is None else v
+    return Bounds(
+        pick(args.min_prefill, max(1, d.min_prefill)),
+        pick(args.max_prefill, d.max_prefill),
+        pick(args.min_decode, d.min_decode),
+        pick(args.max_decode, d.max_decode),
+        0,
+        0,
+    )
+
+
+def cmd_autoscaler(args: argparse.Namespace) -> int:
+    from autoscaler.actuators import make_actuator
+    from autoscaler.service import Autoscaler, AutoscalerConfig
+    from tideserve.policy.autoscale import SLO, make_policy
+
+    colocated = args.mode == "colocated"
+    try:
+        bounds = autoscale_bounds(args, colocated)
+        slo = SLO(args.slo_ttft, args.slo_tpot, args.slo_batch_deadline)
+        policy = make_policy(
+            args.policy, bounds, slo, **_key_values(args.policy_option, "--policy-option")
+        )
+        options = _key_values(args.actuator_option, "--actuator-option")
+        if args.actuator == "local":
+            options = {
+                "router_address": args.worker_router_address,
+                "worker_args": tuple(worker_engine_args(args)),
+                "threads": args.num_threads or 1,
+                "log_level": args.log_level,
+                **options,
+            }
+        actuator = make_actuator(args.actuator, **options)
+        cfg = AutoscalerConfig(
+            router_url=args.router_url,
+            api_key=args.api_key,
+            interval_s=args.interval,
+            drain_timeout_s=args.drain_timeout,
+            metrics_port=args.metrics_port,
+        )
+    except (ValueError, TypeError) as e:
+        print(f"tideserve autoscaler: {e}", file=sys.stderr)
+        return 2
+    Autoscaler(cfg, policy, bounds, actuator).run()
+    return 0
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -226,7 +374,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_args(srv, http=True)
     add_router_args(srv)
     add_engine_args(srv)
+    srv.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="an autoscaler grows and shrinks the pools (--prefill/--decode are ignored)",
+    )
+    add_autoscale_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    asc = sub.add_parser("autoscaler", help="grow and shrink the worker pools with the load")
+    asc.add_argument("--router-url", default="http://127.0.0.1:8000")
+    asc.add_argument(
+        "--worker-router-address",
+        default="tcp://127.0.0.1:7100",
+        help="the router's worker socket, for the workers the local actuator starts",
+    )
+    asc.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"])
+    asc.add_argument("--served-model-name", default="")
+    asc.add_argument(
+        "--api-key",
+        default=os.environ.get("TIDESERVE_API_KEY", ""),
+        help="the router's API key (its /admin/* needs it); prefer the env TIDESERVE_API_KEY",
+    )
+    asc.add_argument("--curve-keys", default=os.environ.get("TIDESERVE_CURVE_KEYS", ""))
+    add_autoscale_args(asc)
+    add_engine_args(asc)
+    asc.set_defaults(func=cmd_autoscaler)
 
     rt = sub.add_parser("router", help="the HTTP API alone (workers connect to it)")
     rt.add_argument("--model", default=None, help="HF model folder (tokenizer, chat template)")

@@ -49,6 +49,8 @@ class ServeConfig:
     api_key: str = field(default="", repr=False)  # reaches the router in its env, never argv
     protect_metrics: bool = False  # /metrics needs the API key too
     curve_keys: str = ""  # CURVE key directory for every internal socket; "" = plaintext
+    autoscale: bool = False  # an autoscaler process starts and stops the workers
+    autoscaler_args: tuple[str, ...] = ()  # its policy, bounds and SLO flags
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -73,7 +75,19 @@ def _die_with_parent() -> None:
     os.setpgid(0, 0)  # Ctrl-C in the terminal reaches only us; we stop the children in order
 
 
-def worker_commands(cfg: ServeConfig, worker_address: str) -> list[list[str]]:
+def autoscaler_command(cfg: ServeConfig, worker_address: str) -> list[str]:
+    base = [sys.executable, "-m", "tideserve.cli", "--log-level", cfg.log_level]
+    engine = worker_commands(cfg, worker_address, engine_only=True)[0]
+    return base + [
+        "autoscaler", "--router-url", f"http://{cfg.host}:{cfg.port}",
+        "--worker-router-address", worker_address, "--mode", cfg.mode,
+        "--threads", str(cfg.num_threads or 1), *engine, *cfg.autoscaler_args,
+    ]  # fmt: skip
+
+
+def worker_commands(
+    cfg: ServeConfig, worker_address: str, engine_only: bool = False
+) -> list[list[str]]:
     base = [sys.executable, "-m", "tideserve.cli", "--log-level", cfg.log_level]
     engine = [
         "--model",
@@ -91,6 +105,10 @@ def worker_commands(cfg: ServeConfig, worker_address: str) -> list[list[str]]:
         engine += ["--kv-cache-bytes", str(cfg.kv_cache_bytes)]
     if cfg.served_model_name:
         engine += ["--served-model-name", cfg.served_model_name]
+    if engine_only:
+        return [
+            engine + (["--curve-keys", os.path.abspath(cfg.curve_keys)] if cfg.curve_keys else [])
+        ]
     roles = (
         ["prefill"] * cfg.num_prefill + ["decode"] * cfg.num_decode
         if cfg.mode == "disaggregated"
@@ -179,7 +197,17 @@ def serve(cfg: ServeConfig) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         children.append(subprocess.Popen(router_cmd, env=router_env, preexec_fn=_die_with_parent))
-        cmds = worker_commands(cfg, worker_address)
+        if cfg.autoscale:  # the autoscaler starts the workers: it is the second child
+            cmds = []
+            children.append(
+                subprocess.Popen(
+                    autoscaler_command(cfg, worker_address),
+                    env=router_env,  # it calls the router's /admin/*: it needs the API key
+                    preexec_fn=_die_with_parent,
+                )
+            )
+        else:
+            cmds = worker_commands(cfg, worker_address)
         for cmd in cmds:
             children.append(subprocess.Popen(cmd, env=worker_env, preexec_fn=_die_with_parent))
         restarts: list[list[float]] = [[] for _ in cmds]  # when each worker was restarted
@@ -190,8 +218,13 @@ def serve(cfg: ServeConfig) -> int:
             for i, c in enumerate(children):
                 if c.poll() is None:
                     continue
-                what = "the router" if i == 0 else f"worker {_worker_id(cmds[i - 1])}"
-                if i == 0 or not announced:  # a broken start is not worth retrying
+                if i == 0:
+                    what = "the router"
+                elif cfg.autoscale:
+                    what = "the autoscaler"
+                else:
+                    what = f"worker {_worker_id(cmds[i - 1])}"
+                if i == 0 or cfg.autoscale or not announced:  # not worth retrying
                     print(
                         f"tideserve: {what} exited (code {c.returncode}): stopping", file=sys.stderr
                     )
@@ -279,11 +312,14 @@ class ServeProcess:
     adds variables (TIDESERVE_API_KEY, say) to the ones it inherits.
     """
 
-    def __init__(self, *args: str, capture: bool = True, env: dict | None = None) -> None:
+    def __init__(
+        self, *args: str, capture: bool = True, env: dict | None = None, log_level: str = "WARNING"
+    ) -> None:
         self.port = free_port()
         self.env = None if env is None else {**os.environ, **env}
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "tideserve.cli", "serve", "--port", str(self.port), *args]
+        self.cmd = [sys.executable, "-m", "tideserve.cli", "--log-level", log_level, "serve"]
+        self.cmd += ["--port", str(self.port), *args]
         self.capture = capture
         self.proc: subprocess.Popen | None = None
         self.children: list = []
