@@ -60,6 +60,22 @@ class _Launch:
     registered_at: float | None = None
 
 
+def scale_out_breakdown(w: dict, decided_at: float) -> dict[str, float]:
+    """Decision -> first served token, by phase, from a worker's /cluster entry (wall clocks):
+    process start (spawn, interpreter, imports), weight load, registration (Hello, Welcome),
+    first step (until it served a token: waiting for work, then the step)."""
+    loaded, load_s = w.get("engine_loaded_at") or 0.0, w.get("engine_load_s") or 0.0
+    parts = {"total": w["first_token_at"] - decided_at}
+    if loaded:
+        parts |= {
+            "process_start": loaded - load_s - decided_at,
+            "weight_load": load_s,
+            "registration": w["registered_at"] - loaded,
+            "first_step": w["first_token_at"] - w["registered_at"],
+        }
+    return parts
+
+
 class RouterClient:
     def __init__(self, url: str, api_key: str = "", timeout_s: float = 10.0) -> None:
         self.url = url.rstrip("/")
@@ -116,6 +132,7 @@ class Autoscaler:
         self.known: set[str] = set()  # worker ids seen registered
         self.stopping = False
         self.log: list[str] = []  # every action's line, for tests and the benchmark
+        self.breakdowns: list[dict] = []  # scale-out latency of each new worker, by phase
 
     # -- one tick ----------------------------------------------------------------------------
 
@@ -191,9 +208,12 @@ class Autoscaler:
                 self.metrics.scale_out.labels(launch.role, "registered").observe(dt)
                 self._say(f"{w['id']} registered {dt:.2f} s after the decision")
             if w.get("first_token_at"):
-                dt = w["first_token_at"] - launch.decided_at
-                self.metrics.scale_out.labels(launch.role, "first_token").observe(dt)
-                self._say(f"{w['id']} served its first token {dt:.2f} s after the decision")
+                parts = scale_out_breakdown(w, launch.decided_at)
+                for phase, dt in parts.items():
+                    self.metrics.scale_out.labels(launch.role, phase).observe(dt)
+                self.breakdowns.append({"worker": w["id"], **parts})
+                shown = ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+                self._say(f"{w['id']} served its first token: {shown}")
                 self.launches.remove(launch)
         self.known |= set(by_id)
         now = time.monotonic()

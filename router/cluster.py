@@ -113,6 +113,9 @@ class Worker:
             "kv_blocks_total": h.num_kv_blocks,
             "max_num_seqs": s.max_num_seqs if s else 0,
             "requests": requests,  # the router's requests that still need it
+            "started_at": h.started_at,
+            "engine_loaded_at": h.engine_loaded_at,
+            "engine_load_s": h.engine_load_s,
             "registered_at": self.registered_at,
             "first_token_at": self.first_token_at,
         }

@@ -77,6 +77,9 @@ class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
     device: str
     pid: int
     kv_transports: tuple[str, ...] = ("tcp",)  # what its receiver accepts, best first
+    started_at: float = 0.0  # wall clock: the process started (scale-out latency breakdown)
+    engine_loaded_at: float = 0.0  # wall clock: its weights are loaded
+    engine_load_s: float = 0.0  # how long loading them took
 
 
 class Welcome(msgspec.Struct, tag="welcome", array_like=True, frozen=True):

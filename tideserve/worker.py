@@ -271,6 +271,8 @@ class WorkerLoop:
 
 
 def make_hello(cfg: WorkerConfig, engine, kv_address: str, transports: tuple[str, ...]) -> Hello:
+    import psutil
+
     return Hello(
         protocol_version=PROTOCOL_VERSION,
         worker_id=cfg.resolved_id,
@@ -284,6 +286,9 @@ def make_hello(cfg: WorkerConfig, engine, kv_address: str, transports: tuple[str
         device=str(engine.runner.device),
         pid=os.getpid(),
         kv_transports=transports,
+        started_at=psutil.Process().create_time(),
+        engine_loaded_at=getattr(engine, "loaded_at", 0.0),
+        engine_load_s=getattr(engine, "load_s", 0.0),
     )
 
 

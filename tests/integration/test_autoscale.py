@@ -83,6 +83,7 @@ def test_burst_scales_out_quiet_scales_in(tiny_dir):
     assert not srv.leftover_children()
     out = srv.output(20000)
     assert "scale out colocated 1->2" in out and "scale in colocated 2->1" in out, out
+    assert "served its first token: total" in out and "weight_load" in out, out
 
 
 @pytest.mark.parametrize(

@@ -195,3 +195,23 @@ def test_many_random_requests_never_leak():
 def test_bad_config_is_a_clear_error(kwargs):
     with pytest.raises(ValueError):
         SchedulerConfig(max_model_len=256, **kwargs)
+
+
+def test_batch_work_waits_for_interactive_but_ages_in_and_never_starves():
+    s = make_scheduler(max_num_seqs=1, priority_aging_s=10.0)
+    batch = make_seq("batch", 3, max_tokens=2, priority=10)
+    batch.arrival_time = 0.0
+    s.add(batch)
+    ran = []
+    for t in range(30):  # an interactive request arrives every step: full demand
+        seq = make_seq(f"i{t}", 3, max_tokens=1)
+        seq.arrival_time = float(t)
+        s.add(seq)
+        out = s.schedule(now=float(t))
+        ran += [item.seq.request_id for item in out.scheduled]
+        fake_step(s, out)
+    first = ran.index("batch")
+    assert first > 5  # interactive went first while the batch request was young
+    assert first <= 12  # but once it waited priority_aging_s it ran, ahead of newer ones
+    run_to_completion(s)
+    assert batch.is_finished

@@ -13,6 +13,7 @@ A scheduled chunk that reaches the end of a sequence's known tokens samples one 
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 from tideserve.engine.block_pool import BlockPool
@@ -25,6 +26,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 1024  # token budget of one step (prefill chunks + decodes)
     max_model_len: int = 2048  # prompt + output tokens of one sequence at most
     enable_chunked_prefill: bool = True  # split long prompts across steps
+    priority_aging_s: float = 120.0  # a lower-priority (batch) sequence waiting this long
+    # runs as interactive: batch work fills spare capacity but never starves
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -107,7 +110,18 @@ class Scheduler:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def _age(self, now: float) -> None:
+        """Promotes sequences that waited `priority_aging_s` to the top priority (0)."""
+        aged = False
+        for seq in self.waiting:
+            if seq.priority > 0 and now - seq.arrival_time > self.config.priority_aging_s:
+                seq.priority = 0
+                aged = True
+        if aged:
+            self.waiting.sort(key=lambda s: s.sort_key)
+
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        self._age(time.monotonic() if now is None else now)
         out = SchedulerOutput(decodes=[], prefills=[], preempted=[])
         budget = self.config.max_num_batched_tokens
         i = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 
@@ -101,6 +102,7 @@ class Sequence:
     hold_kv: bool = False  # keep blocks after finishing until released (KV export)
     num_preemptions: int = 0
     arrival: int = field(default_factory=lambda: next(_arrival_counter))
+    arrival_time: float = field(default_factory=time.monotonic)  # for priority aging
 
     @property
     def num_tokens(self) -> int:

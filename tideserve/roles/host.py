@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 from tideserve.worker import RouterLink, WorkerConfig, make_hello
 
@@ -82,7 +83,10 @@ def run_worker(cfg: WorkerConfig) -> None:
 
     cfg = dataclasses.replace(cfg, worker_id=cfg.resolved_id)  # the id outlives role switches
     keys = load_curve_keys(cfg.curve_keys)  # before the engine loads: a bad dir fails fast
+    t0 = time.time()
     engine = LLMEngine.from_config(cfg.engine)
+    engine.loaded_at = time.time()
+    engine.load_s = engine.loaded_at - t0
     ctx = zmq.Context()
     auth = start_authenticator(ctx, keys) if keys else None
     link = RouterLink(ctx, cfg.router_address, cfg.worker_id, keys)
