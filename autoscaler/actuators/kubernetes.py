@@ -61,6 +61,7 @@ class KubernetesActuator:
         max_conflicts: int = 3,
     ) -> None:
         self.namespace = namespace
+        # role -> Deployment name
         self.deployments = DEFAULT_DEPLOYMENTS | as_mapping(deployments, "deployments")
         self.deletion_cost = deletion_cost  # NOTE: other pods have 0; the lowest goes first
         self.timeout_s = timeout_s  # per API call
