@@ -167,6 +167,7 @@ class Autoscaler:
             queue_wait_p90_s=None,
             inflight=stats["inflight"],
             waiting=stats["waiting"],
+            batch_oldest_wait_s=stats.get("batch_oldest_wait_s"),
         )
 
     def tick(self, now: float | None = None) -> Observation | None:

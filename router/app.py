@@ -155,6 +155,14 @@ class Router:
                 "inflight": self.inflight_by_class,
                 "waiting": self.waiting_by_class,
                 "parked": len(self.cluster.parked),
+                "batch_oldest_wait_s": max(
+                    (
+                        now - s.admitted_at
+                        for s in self.cluster.streams.values()
+                        if s.waiting and s.priority > 0
+                    ),
+                    default=None,
+                ),  # fmt: skip
                 "workers": self._workers_json(),
             }
         )

@@ -143,6 +143,7 @@ class Stream:
     tried: set[str] = field(default_factory=set)  # workers that failed this request
     parked_until: float | None = None  # waiting for capacity to re-dispatch, until then
     waiting: bool = False  # admitted, no token yet (kept by the HTTP handler)
+    admitted_at: float = field(default_factory=time.monotonic)
 
     @property
     def num_tokens_out(self) -> int:

@@ -47,7 +47,7 @@ class SystemdActuator:
     def start(self, role: str) -> str:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
-        taken = set() | {
+        taken = self._running(role) | {
             int(wid.rsplit("-", 1)[1]) for wid in self.started if wid.startswith(f"{role}-")
         }
         free = next((n for n in range(self.max_instances) if n not in taken), None)

@@ -12,6 +12,7 @@ import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -364,6 +365,51 @@ def test_systemd_errors_carry_systemctl_stderr(systemctl, tmp_path):
         missing.start("decode")
     with pytest.raises(ValueError, match="max_instances"):
         SystemdActuator(max_instances=0)
+
+
+UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+
+
+def _exec_start(unit: str, instance: str) -> list[str]:
+    """The unit's ExecStart as systemd runs it: %i and $VARS of the example env file filled."""
+    env = dict(
+        line.split("=", 1)
+        for line in (UNITS / "tideserve.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    text = (UNITS / unit).read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", text, re.M)[1].replace("%i", instance)
+    words = []
+    for word in exec_start.split()[1:]:  # the CLI's arguments
+        words += env[word[1:]].split() if word.startswith("$") else [word]
+    return words
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode", "colocated"])
+def test_systemd_example_units_give_the_worker_the_id_the_actuator_returns(role, systemctl):
+    unit = f"tideserve-{role}@.service"
+    text = (UNITS / unit).read_text()
+    args = worker_cli(_exec_start(unit, "3"))
+    assert (args.command, getattr(args, "role", "prefill")) == (
+        "prefill" if role == "prefill" else "decode",
+        role,
+    )
+    assert args.router_address == "tcp://127.0.0.1:7100"
+    assert "KillSignal=SIGTERM" in text and "Restart=on-failure" in text
+    assert "EnvironmentFile=/etc/tideserve/tideserve.env" in text
+    stop_s = int(re.search(r"^TimeoutStopSec=(\d+)$", text, re.M)[1])
+    assert stop_s > args.drain_timeout  # systemd's SIGKILL comes after the drain
+    act = SystemdActuator(systemctl=str(systemctl), max_instances=4, timeout_s=10)
+    (systemctl.parent / "units").write_text(
+        "".join(f"tideserve-{role}@{n}.service loaded active running x\n" for n in range(3))
+    )
+    assert act.start(role) == args.worker_id == f"{role}-3"
+
+
+def test_systemd_example_router_and_autoscaler_units_parse():
+    assert worker_cli(_exec_start("tideserve-router.service", "")).command == "router"
+    args = worker_cli(_exec_start("tideserve-autoscaler.service", ""))
+    assert (args.command, args.actuator) == ("autoscaler", "systemd")
 
 
 # -- kubernetes --------------------------------------------------------------------------------
