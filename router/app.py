@@ -305,7 +305,7 @@ class Router:
         while True:
             try:
                 msg = await asyncio.wait_for(stream.queue.get(), self.cfg.request_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ApiError(
                     504,
                     f"no token in {self.cfg.request_timeout_s:.0f} s; request aborted",

@@ -444,6 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
+    for name in SETTABLE:
+        _subparser(parser, name).add_argument(
+            "--config",
+            metavar="FILE",
+            help="a TOML file of settings (env TIDESERVE_CONFIG); flags and TIDESERVE_* env win",
+        )
+    show = sub.add_parser(
+        "config",
+        help="show the effective configuration: config show [COMMAND] [FLAGS]",
+        description="Every option's value and its source: cli > env (TIDESERVE_*) > toml > "
+        "default.",
+    )
+    show.add_argument("action", choices=["show"])
+    show.add_argument("rest", nargs=argparse.REMAINDER, help="COMMAND (default serve) and flags")
+
     keys = sub.add_parser("keys", help="CURVE keys for the internal ZMQ sockets")
     keys_sub = keys.add_subparsers(dest="action", required=True)
     keygen = keys_sub.add_parser(
@@ -464,8 +479,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SETTABLE = ("serve", "router", "prefill", "decode", "autoscaler")  # take --config, TIDESERVE_*
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[name]  # NOTE: argparse has no API
+
+
+def _configure(parser, command: str, argv: list[str]) -> dict[str, str]:
+    """Applies TIDESERVE_* env and the TOML file to `command`'s defaults; returns sources."""
+    from tideserve import settings
+
+    path = settings.config_path(argv, os.environ)
+    toml = settings.load_toml(path) if path else {}
+    known = {d for c in SETTABLE for d in settings.options(_subparser(parser, c))}
+    return settings.resolve(
+        _subparser(parser, command), command, argv, toml, dict(os.environ), known, path
+    )
+
+
+def cmd_config_show(parser, argv: list[str]) -> int:
+    """`tideserve config show [COMMAND] [FLAGS]`: the effective settings and their sources."""
+    from tideserve import settings
+
+    rest = argv[2:]
+    command = rest.pop(0) if rest and not rest[0].startswith("-") else "serve"
+    if command not in SETTABLE:
+        print(f"tideserve config show: COMMAND is one of {', '.join(SETTABLE)}", file=sys.stderr)
+        return 2
+    sources = _configure(parser, command, rest)
+    sub = _subparser(parser, command)
+    args = sub.parse_args(rest)
+    print(f"# tideserve {command}: value, source (cli > env > toml > default), env name")
+    print(settings.show(sub, args, sources))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from tideserve.settings import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv[:2] == ["config", "show"]:
+            return cmd_config_show(parser, argv)
+        args = parser.parse_args(argv)
+        if args.command in SETTABLE:
+            i = argv.index(args.command)
+            _configure(parser, args.command, argv[i + 1 :])
+            args = parser.parse_args(argv)
+    except ConfigError as e:
+        print(f"tideserve: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -15,7 +15,6 @@ Lifecycle (``run_benchmark``):
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -103,7 +102,7 @@ async def connect(endpoint: str, model: str | None) -> str:
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 status = resp.status
                 body = await resp.json(content_type=None) if status == 200 else None
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
         raise BenchError(f"cannot reach {endpoint}: {type(e).__name__}: {e}") from None
     if model is not None:
         return model
@@ -148,7 +147,7 @@ async def run_benchmark(opts: BenchOptions) -> dict:
     model = await connect(opts.endpoint, opts.model)
     prompts, prompt_note = prompt_maker(opts.tokenizer, model)
     cfg = RunConfig(opts.endpoint, model, opts.timeout_s, opts.seed, opts.show_progress)
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     if opts.goodput:
         result, goodput = await _goodput(trace, prompts, cfg, opts)
     else:

@@ -13,7 +13,6 @@ interface of ``benchmarks/serving.py``.
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -85,7 +84,7 @@ async def stream_request(
                 res.error = f"HTTP {resp.status}: {text[:_ERROR_BODY_CHARS]}"
             else:
                 await _read_stream(resp, res)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     res.end_s = time.perf_counter()
     if res.error is None and not res.token_times_s:

@@ -59,7 +59,7 @@ class WorkerMeter:
                 if resp.status != 200:
                     return None
                 body = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return None
         return count_workers(source, body)
 

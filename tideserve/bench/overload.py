@@ -71,7 +71,7 @@ async def _one(session, url: str, body: dict, out: Outcome, timeout_s: float) ->
                     out.missing_retry_after += 1
             else:
                 out.other[r.status] = out.other.get(r.status, 0) + 1
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         out.lost += 1
 
 

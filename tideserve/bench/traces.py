@@ -181,7 +181,7 @@ def _parse_azure(record: dict) -> TraceRequest:
     except ValueError:
         raise ValueError(f"TIMESTAMP {raw!r} is not a 'YYYY-MM-DD HH:MM:SS.fff' time") from None
     return TraceRequest(
-        t.replace(tzinfo=datetime.timezone.utc).timestamp(),
+        t.replace(tzinfo=datetime.UTC).timestamp(),
         _count(record, "ContextTokens"),
         _count(record, "GeneratedTokens"),
     )
