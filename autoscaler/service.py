@@ -222,7 +222,11 @@ class Autoscaler:
             w = by_id.get(wid)
             idle = w is None or (w["requests"] == 0 and w["load"]["running"] == 0)
             if idle or now - since > self.cfg.drain_timeout_s:
-                self.actuator.stop(wid, role)
+                try:
+                    self.actuator.stop(wid, role)
+                except (OSError, RuntimeError, ValueError) as e:  # tried again next tick
+                    log.error("could not stop %s: %s", wid, e)
+                    continue
                 del self.draining[wid]
                 self.metrics.actions.labels("stop", role).inc()
                 how = "drained" if idle else f"still busy after {self.cfg.drain_timeout_s:.0f} s"
@@ -252,7 +256,11 @@ class Autoscaler:
 
     def _start(self, role: str) -> None:
         decided = time.time()
-        wid = self.actuator.start(role)
+        try:
+            wid = self.actuator.start(role)
+        except (OSError, RuntimeError, ValueError) as e:  # the platform said no: next tick
+            log.error("could not start a %s worker: %s", role, e)
+            return
         self.launches.append(_Launch(role, wid, decided))
 
     def _drain(self, wid: str, role: str) -> None:

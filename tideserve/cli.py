@@ -315,7 +315,7 @@ def cmd_autoscaler(args: argparse.Namespace) -> int:
             drain_timeout_s=args.drain_timeout,
             metrics_port=args.metrics_port,
         )
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ImportError, RuntimeError) as e:
         print(f"tideserve autoscaler: {e}", file=sys.stderr)
         return 2
     Autoscaler(cfg, policy, bounds, actuator).run()

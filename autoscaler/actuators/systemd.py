@@ -1,4 +1,4 @@
-"""The systemd actuator: workers as instances of template units (deploy/systemd/).
+"""The systemd actuator: workers as instances of template units (compose/systemd/).
 
 `start(role)` runs `systemctl start <unit_prefix>-<role>@N.service` for the lowest N that
 neither this actuator nor systemd has running, and returns `<role>-N`: by convention the unit

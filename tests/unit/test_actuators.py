@@ -367,7 +367,7 @@ def test_systemd_errors_carry_systemctl_stderr(systemctl, tmp_path):
         SystemdActuator(max_instances=0)
 
 
-UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+UNITS = Path(__file__).resolve().parents[2] / "compose" / "systemd"
 
 
 def _exec_start(unit: str, instance: str) -> list[str]:
