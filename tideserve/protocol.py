@@ -7,9 +7,10 @@ services dispatch on the type through a `{type: handler}` table. Decoding is bou
 sizes, counts) and rejects other protocol versions in `Hello`. Nothing is ever pickled.
 
 Who sends what:
-    worker -> router     Hello, Heartbeat, Goodbye, TokenChunk, RequestFailed
+    worker -> router     Hello, Heartbeat, Goodbye, TokenChunk, RequestFailed, MigrationDone,
+                         MigrationFailed
     router -> worker     PrefillRequest, GenerateRequest, AbortRequest, Welcome, Rejoin,
-                         SetLimits, SwitchRole
+                         SetLimits, SwitchRole, MigrateRequest, CancelMigration
     prefill -> decode    KVBegin, KVLayer (+ tensor frame, or a shm notice), KVDone, KVAbort
     decode -> prefill    KVAck
 Structs are positional (array_like, so one union decodes them all); new fields are only ever
@@ -174,6 +175,45 @@ class RequestFailed(msgspec.Struct, tag="failed", array_like=True, frozen=True):
     retryable: bool = False  # e.g. the decode worker had no room: the router may re-dispatch
 
 
+# -- live migration (decode worker -> decode worker) -------------------------------------------
+
+
+class MigrateRequest(msgspec.Struct, tag="migrate", array_like=True, frozen=True):
+    """Router -> the worker running a request: move it, KV and all, to `dest_worker_id`."""
+
+    request_id: str
+    dest_worker_id: str
+    dest_kv_address: str
+    kv_transport: str
+
+
+class CancelMigration(msgspec.Struct, tag="cancel_migration", array_like=True, frozen=True):
+    """Router -> source: stop moving the request (its destination is gone), keep serving it;
+    router -> destination: drop the stages that arrived (the migration failed)."""
+
+    request_id: str
+
+
+class MigrationDone(msgspec.Struct, tag="migration_done", array_like=True, frozen=True):
+    """Source -> router: the destination has the request and decodes it from now on. Sent
+    after the source's last TokenChunk for it, on the same socket."""
+
+    request_id: str
+    worker_id: str
+    dest_worker_id: str
+    num_stages: int
+    pause_s: float  # the request stood still this long (last stage copy + commit)
+
+
+class MigrationFailed(msgspec.Struct, tag="migration_failed", array_like=True, frozen=True):
+    """Source -> router: the migration was cancelled; the source still runs the request
+    (unless it finished meanwhile)."""
+
+    request_id: str
+    worker_id: str
+    reason: str
+
+
 # -- KV transfer -------------------------------------------------------------------------------
 
 
@@ -190,6 +230,9 @@ class KVBegin(msgspec.Struct, tag="kv_begin", array_like=True, frozen=True):
     priority: int
     num_layers: int
     layer: TensorMeta  # shape and dtype of every layer's tensor
+    migration_of: str = ""  # a live migration's stage: the request it moves ("" = prefill)
+    token_offset: int = 0  # the stage's first KV position (its tensors cover layer.shape[2])
+    final: bool = True  # the last stage: commit on KVDone (the source has paused it)
 
 
 class KVLayer(msgspec.Struct, tag="kv_layer", array_like=True, frozen=True):
@@ -226,6 +269,10 @@ Message = (
     | Rejoin
     | SetLimits
     | SwitchRole
+    | MigrateRequest
+    | CancelMigration
+    | MigrationDone
+    | MigrationFailed
     | Heartbeat
     | Goodbye
     | PrefillRequest

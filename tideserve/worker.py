@@ -217,6 +217,10 @@ class WorkerLoop:
                 log.info("drained%s: stopping", "" if not self.busy() else " (timed out)")
                 self.stopping = True
 
+    def watch(self, sock: zmq.Socket) -> None:
+        """Polls one more socket (one made after the loop started)."""
+        self.poller.register(sock, zmq.POLLIN)
+
     def _rejoin(self, msg: Rejoin) -> None:
         # NOTE: the router asks once per heartbeat it heard while we were dropped (a partition
         # queues many). Those asks all come before the Welcome to our Hello, on this one

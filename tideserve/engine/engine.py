@@ -246,11 +246,51 @@ class LLMEngine:
         """Tokens of the request whose KV is in the cache (what an export carries)."""
         return self._seq(request_id).num_computed_tokens
 
-    def export_kv_layer(self, request_id: str, layer: int) -> torch.Tensor:
-        """[2, kvh, num_tokens, hd] copy of one layer of the request's computed KV."""
+    def export_kv_layer(
+        self, request_id: str, layer: int, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """[2, kvh, end - start, hd] copy of one layer of the request's computed KV, positions
+        start..end-1 (default: all computed)."""
         seq = self._seq(request_id)
-        slots = self.runner.kv.slots(seq.block_table, seq.num_computed_tokens)
+        end = seq.num_computed_tokens if end is None else end
+        if not 0 <= start <= end <= seq.num_computed_tokens:
+            raise ValueError(f"KV range {start}..{end} outside 0..{seq.num_computed_tokens}")
+        slots = self.runner.kv.slots(seq.block_table, end)[start:]
         return self.runner.kv.export_layer(layer, slots)
+
+    # -- live migration: the source pauses, the destination imports in stages --------------
+
+    def pause(self, request_id: str) -> None:
+        """Takes a running request out of the batch, keeping its KV (a migration's last
+        stage); `resume` puts it back, `abort` frees it once the destination has it."""
+        seq = self._seq(request_id)
+        if seq.status is not SequenceStatus.RUNNING or seq.is_prefill:
+            raise ValueError(f"request {request_id!r} is not decoding ({seq.status.value})")
+        self.scheduler.pause(seq)
+
+    def resume(self, request_id: str) -> None:
+        seq = self._seq(request_id)
+        if seq.status is SequenceStatus.PAUSED:
+            self.scheduler.resume(seq)
+
+    def extend_import(
+        self, request_id: str, output_token_ids: list[int], num_kv_tokens: int
+    ) -> bool:
+        """A later migration stage: the tokens generated meanwhile and room for KV up to
+        `num_kv_tokens`; False (nothing changed) when the pool has no room."""
+        seq = self._seq(request_id)
+        if seq.status is not SequenceStatus.IMPORTING:
+            raise ValueError(f"request {request_id!r} is not importing KV")
+        outputs = self._check_ids(output_token_ids, "output token ids")
+        if outputs[: len(seq.output_token_ids)] != seq.output_token_ids:
+            raise ValueError(f"request {request_id!r}: the stage's tokens do not extend ours")
+        if not seq.num_computed_tokens <= num_kv_tokens < len(seq.prompt_token_ids) + len(outputs):
+            raise ValueError(f"num_kv_tokens {num_kv_tokens} out of range")
+        if not self.scheduler.pool.grow_table(seq.block_table, num_kv_tokens):
+            return False
+        seq.output_token_ids = outputs
+        seq.num_computed_tokens = num_kv_tokens
+        return True
 
     def begin_import(
         self,
@@ -280,11 +320,21 @@ class LLMEngine:
         self.seqs[request_id] = seq
         return True
 
-    def import_kv_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
+    def import_kv_layer(
+        self, request_id: str, layer: int, kv: torch.Tensor, start: int = 0
+    ) -> None:
+        """Writes KV for positions start..start+T-1 (T = kv.shape[2]) of the request."""
         seq = self._seq(request_id)
         if seq.status is not SequenceStatus.IMPORTING:
             raise ValueError(f"request {request_id!r} is not importing KV")
-        slots = self.runner.kv.slots(seq.block_table, seq.num_computed_tokens)
+        if start == 0 and kv.shape[2] != seq.num_computed_tokens:
+            raise ValueError(
+                f"KV layer covers {kv.shape[2]} tokens, the import {seq.num_computed_tokens}"
+            )
+        end = start + kv.shape[2]
+        if not 0 <= start <= end <= seq.num_computed_tokens:
+            raise ValueError(f"KV range {start}..{end} outside 0..{seq.num_computed_tokens}")
+        slots = self.runner.kv.slots(seq.block_table, end)[start:]
         self.runner.kv.import_layer(layer, slots, kv)
 
     def finish_import(self, request_id: str, output_token_ids: list[int] = ()) -> None:

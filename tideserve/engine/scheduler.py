@@ -91,6 +91,15 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         bisect.insort(self.running, seq, key=lambda s: s.sort_key)
 
+    def pause(self, seq: Sequence) -> None:
+        """Takes a running sequence out of the batch; its blocks stay (migration)."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.PAUSED
+
+    def resume(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+
     def abort(self, seq: Sequence) -> None:
         for queue in (self.waiting, self.running):
             if seq in queue:

@@ -52,6 +52,7 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     IMPORTING = "importing"
+    PAUSED = "paused"  # out of the batch, blocks kept: the last stage of a migration
     FINISHED_STOPPED = "stop"  # eos or a stop token
     FINISHED_LENGTH = "length"  # max_tokens or the context length
     FINISHED_ABORTED = "abort"

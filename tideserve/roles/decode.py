@@ -4,27 +4,34 @@ Decode lifecycle of a request: KVBegin (reserve blocks; no room -> KVAck(ok=Fals
 x num_layers (copied into the cache as they arrive) -> KVDone with the prefill's first token
 (join the running batch, KVAck ok) -> one TokenChunk per step -> TokenChunk with finish_reason.
 An AbortRequest, a KVAbort or a transfer that stalls past `kv_timeout_s` frees the blocks.
-A colocated worker also takes GenerateRequest and runs the whole request itself.
+A colocated worker also takes GenerateRequest and runs the whole request itself. Either role
+moves running requests to another decode worker, and takes them in, on the router's
+MigrateRequest (tideserve/roles/migration.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from kv_transfer import (
     KVAbortEvent,
     KVBeginEvent,
     KVDoneEvent,
     KVLayerEvent,
+    KVTransferError,
 )
 from tideserve.engine.engine import LLMEngine
 from tideserve.protocol import (
     AbortRequest,
+    CancelMigration,
     GenerateRequest,
+    MigrateRequest,
     RequestFailed,
     TokenChunk,
 )
+from tideserve.roles.migration import MigrationSink, MigrationSource
 from tideserve.worker import (
     RouterLink,
     WorkerConfig,
@@ -38,7 +45,14 @@ ABORTED_TTL_S = 60.0
 
 
 class DecodeWorker:
-    def __init__(self, cfg: WorkerConfig, engine: LLMEngine, link: RouterLink, receiver) -> None:
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        engine: LLMEngine,
+        link: RouterLink,
+        receiver,
+        senders: Callable[[], dict] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.wid = cfg.resolved_id
         self.engine = engine
@@ -46,7 +60,15 @@ class DecodeWorker:
         self.receiver = receiver
         self.importing: set[str] = set()
         self.aborted: dict[str, float] = {}  # request id -> when; late KV for these is refused
-        handlers = {AbortRequest: self.handle_abort}
+        self.migration = MigrationSource(engine, link, self.wid, self._senders)
+        self.sink = MigrationSink(engine, receiver, cfg.kv_timeout_s)
+        self._make_senders = senders
+        self._watching = False
+        handlers = {
+            AbortRequest: self.handle_abort,
+            MigrateRequest: self.migration.start,
+            CancelMigration: self.handle_cancel_migration,
+        }
         if cfg.role == "colocated":
             handlers[GenerateRequest] = self.handle_generate
         self.loop = WorkerLoop(
@@ -59,8 +81,20 @@ class DecodeWorker:
             self.poll_kv,
             self.drop_all,
             engine,
-            lambda: engine.has_unfinished() or bool(self.importing),
+            lambda: engine.has_unfinished() or bool(self.importing) or self.migration.active,
         )
+
+    def _senders(self) -> dict:
+        """The KV senders migrations go out through, made (and polled) on first use."""
+        if self._make_senders is None:
+            raise KVTransferError("this worker cannot send KV")
+        senders = self._make_senders()
+        if not self._watching:
+            self._watching = True
+            for s in senders.values():
+                for sock in s.sockets:
+                    self.loop.watch(sock)
+        return senders
 
     # -- router messages ---------------------------------------------------------------------
 
@@ -71,12 +105,24 @@ class DecodeWorker:
         except (ValueError, TypeError) as e:
             self.link.send(RequestFailed(msg.request_id, self.wid, str(e)))
 
+    def handle_cancel_migration(self, msg: CancelMigration) -> None:
+        """On the source: keep the request here. On the destination: drop what arrived."""
+        self.migration.cancel(msg.request_id, "cancelled by the router", tell_router=False)
+        if msg.request_id in self.sink.incoming:
+            self.sink.drop(msg.request_id)
+
     def handle_abort(self, msg: AbortRequest) -> None:
+        self.migration.cancel(msg.request_id, "aborted", tell_router=False)
+        if msg.request_id in self.sink.incoming:
+            self.sink.drop(msg.request_id)
         self.aborted[msg.request_id] = time.monotonic()
         self.importing.discard(msg.request_id)
         self.engine.abort(msg.request_id)
 
     def drop_all(self) -> None:
+        self.migration.cancel_all("the worker rejoined the router")
+        for rid in list(self.sink.incoming):
+            self.sink.drop(rid)
         for rid in list(self.importing):  # a refusing ack lets the sender free it now
             self._fail_import(rid, "the decode worker rejoined the router")
         for rid in list(self.engine.seqs):
@@ -95,12 +141,20 @@ class DecodeWorker:
         now = time.monotonic()
         for rid in self.receiver.expired(now):
             log.warning("request %s: KV transfer timed out", rid)
+            if self.sink.owns(rid):
+                self.sink.abort(rid)
+                self.receiver.ack(rid, False, "KV transfer timed out")
+                continue
             self._fail_import(rid, "KV transfer timed out")
+        self.sink.expire(now)
+        self.migration.poll()
         for rid, t in list(self.aborted.items()):
             if now - t > ABORTED_TTL_S:
                 del self.aborted[rid]
 
     def _handle_kv(self, ev) -> None:
+        if self._handle_migration(ev):
+            return
         if isinstance(ev, KVBeginEvent):
             m = ev.msg
             if m.request_id in self.aborted:
@@ -131,6 +185,30 @@ class DecodeWorker:
             if ev.request_id in self.importing:
                 self.importing.discard(ev.request_id)
                 self.engine.abort(ev.request_id)
+
+    def _handle_migration(self, ev) -> bool:
+        """A stage of a request migrating here; False for anything else."""
+        if isinstance(ev, KVBeginEvent):
+            if not ev.msg.migration_of:
+                return False
+            if ev.msg.migration_of in self.aborted:
+                self.receiver.ack(ev.msg.request_id, False, "aborted")
+                return True
+            try:
+                self.sink.begin(ev.msg, to_sampling_params(ev.msg.params))
+            except (KeyError, ValueError) as e:
+                self.receiver.ack(ev.msg.request_id, False, str(e))
+            return True
+        rid = ev.request_id
+        if not self.sink.owns(rid):
+            return False
+        if isinstance(ev, KVLayerEvent):
+            self.sink.layer(rid, ev.layer, ev.tensor)
+        elif isinstance(ev, KVDoneEvent):
+            self.sink.done(rid)
+        elif isinstance(ev, KVAbortEvent):
+            self.sink.abort(rid)
+        return True
 
     def _fail_import(self, rid: str, reason: str) -> None:
         if rid in self.importing:

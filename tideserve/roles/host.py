@@ -72,7 +72,7 @@ def build_role(cfg: WorkerConfig, engine, link: RouterLink, kv: KVEndpoints):
 
     receiver = kv.receiver()
     hello = make_hello(cfg, engine, receiver.address, kv.transports)
-    return DecodeWorker(cfg, engine, link, receiver), hello
+    return DecodeWorker(cfg, engine, link, receiver, kv.senders), hello
 
 
 def run_worker(cfg: WorkerConfig) -> None:
