@@ -46,6 +46,7 @@ class AutoscalerConfig:
     drain_timeout_s: float = 120.0  # a drained worker still busy after this is stopped anyway
     metrics_port: int = 0  # 0: no /metrics server
     initial: dict[str, int] = field(default_factory=dict)  # role -> workers to start with
+    migration: bool = False  # scale in by migrating requests away (the router moves them)
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.drain_timeout_s <= 0:
@@ -265,7 +266,7 @@ class Autoscaler:
 
     def _drain(self, wid: str, role: str) -> None:
         try:
-            self.router.call(f"/admin/workers/{wid}/drain", {})
+            self.router.call(f"/admin/workers/{wid}/drain", {"migrate": self.cfg.migration})
         except (OSError, urllib.error.URLError) as e:
             log.warning("could not drain %s: %s", wid, e)
             return

@@ -10,6 +10,7 @@ away, or a stop string, aborts the request on every worker, which frees its KV.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import json
 import logging
@@ -55,6 +56,13 @@ class Router:
         self.cluster = cluster
         self.model = cfg.served_model_name or Path(cfg.model_path).name
         self.metrics = RouterMetrics(lambda: cluster.events)
+        self.pauses: collections.deque[float] = collections.deque(maxlen=1000)
+
+        def on_pause(s: float) -> None:
+            self.metrics.migration_pause.observe(s)
+            self.pauses.append(s)
+
+        cluster.on_migration_pause = on_pause
         self.created = int(time.time())
         self.inflight = 0
         self.inflight_by_class = dict.fromkeys(cfg.admission_limits, 0)
@@ -80,6 +88,7 @@ class Router:
         app.router.add_post("/admin/workers/{worker_id}/resume", self.admin_resume)
         app.router.add_post("/admin/workers/{worker_id}/limits", self.admin_limits)
         app.router.add_post("/admin/workers/{worker_id}/role", self.admin_role)
+        app.router.add_post("/admin/migrate", self.admin_migrate)
         app.on_startup.append(lambda _: self.cluster.start())
         app.on_cleanup.append(lambda _: self.cluster.close())
         return app
@@ -118,6 +127,7 @@ class Router:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         self.metrics.inflight.set(self.inflight)
+        self.metrics.migrations_inflight.set(len(self.cluster.migrations))
         body = self.metrics.render(list(self.cluster.workers.values()))
         return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
@@ -132,8 +142,23 @@ class Router:
                 "requests_inflight": self.inflight,
                 "requests_inflight_by_class": self.inflight_by_class,
                 "requests_parked": len(self.cluster.parked),
+                "migrations": self._migrations_json(),
             }
         )
+
+    def _migrations_json(self) -> dict:
+        c, now = self.cluster, time.monotonic()
+        pauses = sorted(self.pauses)
+        return {
+            "inflight": [
+                {"request_id": c.wire.get(w, w), "from": src, "to": dst, "for_s": now - t}
+                for w, (src, dst, t) in c.migrations.items()
+            ],
+            "done": c.events["migrated"],
+            "failed": c.events["migration_failed"],
+            "pause_ms_p50": 1e3 * pauses[len(pauses) // 2] if pauses else None,
+            "pause_ms_max": 1e3 * pauses[-1] if pauses else None,
+        }
 
     def _workers_json(self) -> list[dict]:
         c = self.cluster
@@ -174,9 +199,12 @@ class Router:
         return wid
 
     async def admin_drain(self, request: web.Request) -> web.Response:
-        """No new work for the worker; its requests finish. Poll `requests` until 0."""
+        """No new work for the worker; its requests finish there, or with {"migrate": true}
+        move to other workers. Poll `requests` until 0."""
         wid = self._worker(request)
-        w = self.cluster.drain(wid)
+        body = await _json(request) if request.can_read_body else {}
+        migrate = isinstance(body, dict) and body.get("migrate") is True
+        w = self.cluster.drain(wid, migrate=migrate)
         return web.json_response(w.as_json(self.cluster.requests_on(wid)))
 
     async def admin_resume(self, request: web.Request) -> web.Response:
@@ -192,6 +220,24 @@ class Router:
             raise ApiError(400, "max_num_seqs must be an integer in 1..65536", param="max_num_seqs")
         self.cluster.set_limits(wid, n)
         return web.json_response({"id": wid, "max_num_seqs": n})
+
+    async def admin_migrate(self, request: web.Request) -> web.Response:
+        """Moves one running request, KV and all, to another decode worker."""
+        body = await _json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        rid, to = body.get("request_id"), body.get("to_worker")
+        if not isinstance(rid, str) or not isinstance(to, str):
+            raise ApiError(400, "request_id and to_worker must be strings", param="request_id")
+        if rid not in self.cluster.streams:
+            raise ApiError(404, f"no running request {rid!r}", "not_found_error", "request_id")
+        if to not in self.cluster.workers:
+            raise ApiError(404, f"no worker {to!r}", "not_found_error", "to_worker")
+        try:
+            self.cluster.migrate(rid, to)
+        except ValueError as e:
+            raise ApiError(409, str(e), "conflict_error") from None
+        return web.json_response({"request_id": rid, "to_worker": to, "status": "migrating"})
 
     async def admin_role(self, request: web.Request) -> web.Response:
         """Switches a drained, idle worker to another role (it keeps its weights)."""
@@ -457,6 +503,7 @@ def build(cfg: RouterConfig) -> Router:
         cfg.max_redispatch,
         cfg.kv_transports,
         redispatch_wait_s=cfg.redispatch_wait_s,
+        migration=cfg.migration,
         curve=load_curve_keys(cfg.curve_keys),
     )
     return Router(cfg, tokenizer, cluster)

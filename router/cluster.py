@@ -21,20 +21,26 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 import zmq
 import zmq.asyncio
 
+from tideserve.policy.migration import DECODE_ROLES, DecodeLoad, RunningRequest, plan
 from tideserve.policy.routing import WorkerView, blocks_for, choose_kv_transport, route
 from tideserve.protocol import (
     AbortRequest,
+    CancelMigration,
     GenerateRequest,
     Goodbye,
     Heartbeat,
     Hello,
     Message,
+    MigrateRequest,
+    MigrationDone,
+    MigrationFailed,
     Params,
     PrefillRequest,
     ProtocolError,
@@ -67,6 +73,7 @@ class Worker:
     pending_tokens: int = 0  # prompt tokens dispatched and not yet reported back
     pending_blocks: int = 0  # KV blocks of dispatches whose KV has not landed yet
     draining: bool = False  # the router gives it no new work (scale-in, role switch)
+    evacuate: bool = False  # draining by migration: its requests move to other workers
     registered_at: float = field(default_factory=time.time)  # wall clock, for the autoscaler
     first_token_at: float | None = None  # when it first served a token (wall clock)
 
@@ -140,6 +147,8 @@ class Stream:
     got_token: bool = False  # the current dispatch has produced a token
     got_first: bool = False  # ... and its prefill worker's first token has arrived
     held: list[TokenChunk] = field(default_factory=list)  # decode tokens that overtook it
+    migrating_to: str | None = None  # a live migration to this worker is under way
+    migrated_held: list[TokenChunk] = field(default_factory=list)  # its tokens before commit
     tried: set[str] = field(default_factory=set)  # workers that failed this request
     parked_until: float | None = None  # waiting for capacity to re-dispatch, until then
     waiting: bool = False  # admitted, no token yet (kept by the HTTP handler)
@@ -162,6 +171,7 @@ class Cluster:
         max_redispatch: int,
         kv_transports: tuple[str, ...],
         redispatch_wait_s: float = 30.0,
+        migration: bool = False,
         *,
         curve: CurveKeys | None = None,
     ) -> None:
@@ -172,12 +182,15 @@ class Cluster:
         self.max_redispatch = max_redispatch
         self.kv_transports = kv_transports
         self.redispatch_wait_s = redispatch_wait_s
+        self.migration = migration  # balance decode load by moving running requests
         self.workers: dict[str, Worker] = {}
         self.streams: dict[str, Stream] = {}  # request id -> stream
         self.wire: dict[str, str] = {}  # wire id of a live dispatch -> request id
         self.parked: dict[str, Stream] = {}  # request id -> stream waiting to be re-dispatched
         self.events: collections.Counter[str] = collections.Counter()  # for /metrics
         self._rejoin_asked: dict[str, float] = {}  # worker id -> when it was told to rejoin
+        self.migrations: dict[str, tuple[str, str, float]] = {}  # wire id -> (src, dst, since)
+        self.on_migration_pause: Callable[[float], None] = lambda s: None  # for /metrics
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -192,6 +205,8 @@ class Cluster:
             Goodbye: self.handle_goodbye,
             TokenChunk: self.handle_tokens,
             RequestFailed: self.handle_failed,
+            MigrationDone: self.handle_migration_done,
+            MigrationFailed: self.handle_migration_failed,
         }
 
     async def start(self) -> None:
@@ -202,6 +217,7 @@ class Cluster:
         self._tasks = [
             asyncio.create_task(self._recv_loop()),
             asyncio.create_task(self._reap_loop()),
+            asyncio.create_task(self._migration_loop()),
         ]
 
     async def close(self) -> None:
@@ -294,7 +310,8 @@ class Cluster:
             return
         self._forget(s)
         self._release_pending(s)
-        for wid in {s.prefill, s.target} - {None}:
+        self._end_migration(s, "aborted")
+        for wid in {s.prefill, s.target, s.migrating_to} - {None}:
             if wid in self.workers:
                 self._send(wid, AbortRequest(s.wire_id))
 
@@ -330,6 +347,104 @@ class Cluster:
             return
         fut.add_done_callback(check)
 
+    # -- live migration --------------------------------------------------------------------
+
+    def migrate(self, request_id: str, to_worker: str, why: str = "requested") -> None:
+        """Starts moving a decoding request to `to_worker`; KeyError for an unknown request or
+        worker, ValueError when it cannot move now."""
+        s = self.streams[request_id]
+        dst = self.workers[to_worker]
+        src = self.workers.get(s.target or "")
+        if src is None or src.hello.role not in ("decode", "colocated"):
+            raise ValueError(f"request {request_id} is not decoding on a worker")
+        if not s.kv_landed or (s.prefill is not None and not s.got_first):
+            raise ValueError(f"request {request_id} has not started decoding yet")
+        if s.migrating_to is not None:
+            raise ValueError(f"request {request_id} is already moving to {s.migrating_to}")
+        if to_worker == s.target:
+            raise ValueError(f"request {request_id} already runs on {to_worker}")
+        if dst.hello.role != src.hello.role or dst.effective_state != "ready":
+            raise ValueError(f"{to_worker} is not a ready {src.hello.role} worker")
+        transport = self._transport(src.hello, dst.hello)
+        s.migrating_to = to_worker
+        self.migrations[s.wire_id] = (s.target, to_worker, time.monotonic())
+        self.events["migration_started"] += 1
+        log.info("request %s: migrating %s -> %s (%s)", request_id, s.target, to_worker, why)
+        self._send(s.target, MigrateRequest(s.wire_id, to_worker, dst.hello.kv_address, transport))
+
+    async def _migration_loop(self) -> None:
+        """Once a second: balance decode load (when on) and empty evacuated workers."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.migration or any(w.evacuate for w in self.workers.values()):
+                self.rebalance()
+
+    def rebalance(self) -> list:
+        loads, reqs = [], []
+        for w in self.workers.values():
+            st, h = w.stats, w.hello
+            if h.role not in DECODE_ROLES:
+                continue
+            queued = blocks_for(st.queued_prefill_tokens, h.block_size) if st else 0
+            loads.append(
+                DecodeLoad(
+                    w.worker_id, h.role, w.effective_state == "ready", w.evacuate,
+                    h.num_kv_blocks - (st.kv_blocks_used if st else 0) - w.pending_blocks,
+                    queued, st.num_running if st else 0,
+                )
+            )  # fmt: skip
+        for s in self.streams.values():
+            w = self.workers.get(s.target or "")
+            if w is None or not s.kv_landed or (s.prefill is not None and not s.got_first):
+                continue
+            n = len(s.prompt_token_ids) + s.num_tokens_out
+            reqs.append(
+                RunningRequest(
+                    s.request_id, s.target, blocks_for(n, w.hello.block_size), s.priority,
+                    s.migrating_to is not None,
+                )
+            )  # fmt: skip
+        moves = plan(loads, reqs, balance=self.migration)
+        for m in moves:
+            try:
+                self.migrate(m.request_id, m.dst, m.reason)
+            except (KeyError, ValueError) as e:
+                log.debug("not migrating %s: %s", m.request_id, e)
+        return moves
+
+    def _end_migration(self, s: Stream, reason: str) -> None:
+        if s.migrating_to is None:
+            return
+        self.migrations.pop(s.wire_id, None)
+        s.migrating_to, s.migrated_held = None, []
+
+    def handle_migration_done(self, msg: MigrationDone) -> None:
+        s = self.streams.get(self.wire.get(msg.request_id, ""))
+        self.migrations.pop(msg.request_id, None)
+        if s is None or s.migrating_to != msg.dest_worker_id or s.target != msg.worker_id:
+            return  # finished or moved meanwhile; the destination was told
+        s.target, s.migrating_to = msg.dest_worker_id, None
+        held, s.migrated_held = s.migrated_held, []
+        self.events["migrated"] += 1
+        self.on_migration_pause(msg.pause_s)
+        log.info(
+            "request %s: migrated to %s in %d stages, paused %.1f ms",
+            s.request_id, msg.dest_worker_id, msg.num_stages, msg.pause_s * 1e3,
+        )  # fmt: skip
+        for m in held:
+            if s.request_id in self.streams:
+                self.handle_tokens(m)
+
+    def handle_migration_failed(self, msg: MigrationFailed) -> None:
+        src_dst = self.migrations.pop(msg.request_id, None)
+        self.events["migration_failed"] += 1
+        log.info("request %s: migration failed: %s", msg.request_id, msg.reason)
+        if src_dst and src_dst[1] in self.workers:  # drop whatever stages it received
+            self._send(src_dst[1], CancelMigration(msg.request_id))
+        s = self.streams.get(self.wire.get(msg.request_id, ""))
+        if s is not None and s.target == msg.worker_id:
+            s.migrating_to, s.migrated_held = None, []
+
     # -- admin: scale-in, role switch, batch caps ---------------------------------------------
 
     def requests_on(self, worker_id: str) -> int:
@@ -342,12 +457,14 @@ class Cluster:
                 n += 1
         return n
 
-    def drain(self, worker_id: str, on: bool = True) -> Worker:
-        """Stops (or resumes) giving the worker new work; raises KeyError for an unknown id."""
+    def drain(self, worker_id: str, on: bool = True, migrate: bool = False) -> Worker:
+        """Stops (or resumes) giving the worker new work; `migrate`: also move its running
+        requests to other workers (evacuate). Raises KeyError for an unknown id."""
         w = self.workers[worker_id]
-        if w.draining != on:
-            w.draining = on
-            log.info("worker %s %s", worker_id, "draining" if on else "back in service")
+        if w.draining != on or w.evacuate != (on and migrate):
+            w.draining, w.evacuate = on, on and migrate
+            how = " (its requests migrate away)" if w.evacuate else ""
+            log.info("worker %s %s%s", worker_id, "draining" if on else "back in service", how)
         return w
 
     def set_limits(self, worker_id: str, max_num_seqs: int) -> None:
@@ -434,7 +551,7 @@ class Cluster:
         """The stream a worker's message is about, or None when it is stale: an older
         dispatch, a finished request, or a worker the request no longer runs on."""
         s = self.streams.get(self.wire.get(wire_id, ""))
-        if s is None or worker_id not in (s.prefill, s.target):
+        if s is None or worker_id not in (s.prefill, s.target, s.migrating_to):
             return None
         return s
 
@@ -443,6 +560,9 @@ class Cluster:
         if s is None:
             if msg.finish_reason is None and msg.worker_id in self.workers:
                 self._send(msg.worker_id, AbortRequest(msg.request_id))  # free what it holds
+            return
+        if msg.worker_id == s.migrating_to:  # the destination resumed before the source's
+            s.migrated_held.append(msg)  # MigrationDone (after its last token) came in
             return
         if msg.worker_id == s.target and not s.kv_landed:
             s.kv_landed = True
@@ -488,9 +608,10 @@ class Cluster:
         """Moves a request its workers cannot finish to others (recomputing the tokens it
         has), parks it while none can take it, or fails it once its retries are spent."""
         self._release_pending(s)
-        for wid in {s.prefill, s.target} - {None, culprit}:
+        for wid in {s.prefill, s.target, s.migrating_to} - {None, culprit}:
             if wid in self.workers:
                 self._send(wid, AbortRequest(s.wire_id))
+        self._end_migration(s, "the request moved")
         s.prefill = s.target = None
         if retryable and s.dispatches <= self.max_redispatch:
             if culprit:
@@ -557,6 +678,10 @@ class Cluster:
             return
         self.events["worker_dropped"] += 1
         for s in list(self.streams.values()):
+            if s.migrating_to == worker_id:  # the destination died: the source keeps it
+                if s.target in self.workers:
+                    self._send(s.target, CancelMigration(s.wire_id))
+                self._end_migration(s, f"the destination {worker_id} left")
             if worker_id in (s.prefill, s.target):
                 handed_off = s.prefill == worker_id and s.kv_landed and s.got_first
                 if not handed_off:

@@ -20,6 +20,7 @@ class RouterConfig:
     max_redispatch: int = 2  # times a request may move to other workers before it fails
     redispatch_wait_s: float = 30.0  # how long a request whose worker died waits for another
     stats_window_s: float = 30.0  # the window /admin/stats rates and p90s cover
+    migration: bool = False  # balance decode load by live-migrating running requests
     kv_transports: tuple[str, ...] = ("shm", "tcp")  # allowed, best first
     api_key: str = field(default="", repr=False)  # "" = open; else /v1/*, /admin/* need Bearer
     protect_metrics: bool = False  # /metrics also needs the API key

@@ -60,6 +60,15 @@ class RouterMetrics:
             registry=r,
         )
         self.tokens = Counter("tideserve_tokens", "tokens processed", ["kind"], registry=r)
+        self.migration_pause = Histogram(
+            "tideserve_migration_pause_seconds",
+            "how long a migrated request stood still (its last stage and the commit)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.migrations_inflight = Gauge(
+            "tideserve_migrations_inflight", "live migrations under way", registry=r
+        )
         self.inflight = Gauge(
             "tideserve_requests_inflight", "requests admitted and unfinished", registry=r
         )

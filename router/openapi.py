@@ -380,7 +380,7 @@ def _get(summary: str, responses: dict, is_open: bool = False) -> dict:
 _WORKER_ID = {"name": "worker_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def _admin(summary: str, body: dict | None = None) -> dict:
+def _admin(summary: str, body: dict | None = None, required: bool = True) -> dict:
     """A POST on one worker (operators and the autoscaler)."""
     op = {
         "summary": summary,
@@ -394,7 +394,7 @@ def _admin(summary: str, body: dict | None = None) -> dict:
         },
     }
     if body is not None:
-        op["requestBody"] = {"required": True, **_json(body)}
+        op["requestBody"] = {"required": required, **_json(body)}
     return {"post": op}
 
 
@@ -455,7 +455,36 @@ def openapi_schema(max_body_bytes: int) -> dict:
                 "Rates, latency p90s and load over the last window (the autoscaler's input)",
                 {"200": {"description": "stats", **_json({"type": "object"})}},
             ),
-            "/admin/workers/{worker_id}/drain": _admin("Give the worker no new work"),
+            "/admin/workers/{worker_id}/drain": _admin(
+                "Give the worker no new work; with migrate, move its running requests away",
+                {"type": "object", "properties": {"migrate": {"type": "boolean"}}},
+                required=False,
+            ),
+            "/admin/migrate": {
+                "post": {
+                    "summary": "Live-migrate one running request to another decode worker",
+                    "requestBody": {
+                        "required": True,
+                        **_json(
+                            {
+                                "type": "object",
+                                "required": ["request_id", "to_worker"],
+                                "properties": {
+                                    "request_id": {"type": "string"},
+                                    "to_worker": {"type": "string"},
+                                },
+                            }
+                        ),
+                    },
+                    "responses": {
+                        "200": {"description": "migrating", **_json({"type": "object"})},
+                        "400": {"description": "a bad body", **_json(_ref("Error"))},
+                        "401": {"description": _UNAUTHORIZED, **_json(_ref("Error"))},
+                        "404": {"description": "no such request or worker", **_json(_ref("Error"))},
+                        "409": {"description": "it cannot move now", **_json(_ref("Error"))},
+                    },
+                }
+            },
             "/admin/workers/{worker_id}/resume": _admin("Give the worker new work again"),
             "/admin/workers/{worker_id}/limits": _admin(
                 "Cap the worker's running batch",

@@ -71,6 +71,12 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
         help="requests admitted at once; more get 429 with Retry-After",
     )
     p.add_argument(
+        "--migration",
+        default="off",
+        choices=["on", "off"],
+        help="balance decode workers by live-migrating running requests (Llumnix)",
+    )
+    p.add_argument(
         "--max-inflight-batch",
         type=int,
         default=0,
@@ -138,6 +144,7 @@ def cmd_router(args: argparse.Namespace) -> int:
             heartbeat_timeout_s=args.heartbeat_timeout,
             max_inflight_requests=args.max_inflight,
             max_inflight_batch=args.max_inflight_batch,
+            migration=args.migration == "on",
             api_key=args.api_key,
             protect_metrics=args.protect_metrics,
             curve_keys=args.curve_keys,
@@ -181,6 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         heartbeat_timeout_s=args.heartbeat_timeout,
         max_inflight_requests=args.max_inflight,
         max_inflight_batch=args.max_inflight_batch,
+        migration=args.migration == "on",
         api_key=args.api_key,
         protect_metrics=args.protect_metrics,
         curve_keys=args.curve_keys,
@@ -193,6 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _autoscaler_flags(args: argparse.Namespace) -> list[str]:
     """`serve --autoscale`'s autoscaling flags, for the autoscaler process."""
     out = ["--policy", args.policy, "--actuator", "local", "--interval", str(args.interval)]
+    out += ["--migration", args.migration]
     out += ["--drain-timeout", str(args.drain_timeout), "--slo-ttft", str(args.slo_ttft)]
     out += ["--slo-tpot", str(args.slo_tpot), "--slo-batch-deadline", str(args.slo_batch_deadline)]
     if args.metrics_port:
@@ -314,6 +323,7 @@ def cmd_autoscaler(args: argparse.Namespace) -> int:
             interval_s=args.interval,
             drain_timeout_s=args.drain_timeout,
             metrics_port=args.metrics_port,
+            migration=args.migration == "on",
         )
     except (ValueError, TypeError, ImportError, RuntimeError) as e:
         print(f"tideserve autoscaler: {e}", file=sys.stderr)
@@ -397,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the router's API key (its /admin/* needs it); prefer the env TIDESERVE_API_KEY",
     )
     asc.add_argument("--curve-keys", default=os.environ.get("TIDESERVE_CURVE_KEYS", ""))
+    asc.add_argument(
+        "--migration",
+        default="off",
+        choices=["on", "off"],
+        help="scale in by migrating a worker's running requests away instead of waiting",
+    )
     add_autoscale_args(asc)
     add_engine_args(asc)
     asc.set_defaults(func=cmd_autoscaler)

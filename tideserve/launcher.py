@@ -46,6 +46,7 @@ class ServeConfig:
     heartbeat_timeout_s: float = 5.0  # the router drops a worker silent this long
     max_inflight_requests: int = 512  # the router's admission limit
     max_inflight_batch: int = 0  # of those, batch-class at most; 0 = half
+    migration: bool = False  # the router balances decode load by live migration
     api_key: str = field(default="", repr=False)  # reaches the router in its env, never argv
     protect_metrics: bool = False  # /metrics needs the API key too
     curve_keys: str = ""  # CURVE key directory for every internal socket; "" = plaintext
@@ -175,6 +176,8 @@ def serve(cfg: ServeConfig) -> int:
         str(cfg.max_inflight_requests),
         "--max-inflight-batch",
         str(cfg.max_inflight_batch),
+        "--migration",
+        "on" if cfg.migration else "off",
     ]
     if cfg.served_model_name:
         router_cmd += ["--served-model-name", cfg.served_model_name]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from router.cluster import Cluster, Stream, Worker
 from tideserve.protocol import PROTOCOL_VERSION, Hello, Params, TokenChunk
 
@@ -17,8 +19,21 @@ def _hello(wid: str, role: str) -> Hello:
     )  # fmt: skip
 
 
+_made: list[Cluster] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clusters():
+    yield
+    while _made:  # NOTE: an unclosed socket makes its context's finalizer hang the GC
+        c = _made.pop()
+        c.sock.close(0)
+        c.ctx.term()
+
+
 def _cluster(*workers: tuple[str, str]) -> Cluster:
     c = Cluster("tcp://127.0.0.1:0", 5.0, 2, ("tcp",))
+    _made.append(c)
     for wid, role in workers:
         c.workers[wid] = Worker(_hello(wid, role), time.monotonic())
     return c
