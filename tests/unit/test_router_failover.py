@@ -68,7 +68,7 @@ async def test_a_worker_dying_mid_stream_is_recomputed_elsewhere(tokenizer_dir, 
 
 async def test_no_live_worker_parks_until_one_joins_then_times_out(tokenizer_dir, tok):
     script = tok.encode(TEXT)
-    async with router(tokenizer_dir, heartbeat_timeout_s=0.6, redispatch_wait_s=1.5) as (
+    async with router(tokenizer_dir, heartbeat_timeout_s=0.6, redispatch_wait_s=3.0) as (
         r,
         client,
         addr,
