@@ -89,6 +89,7 @@ class Router:
         app.router.add_post("/admin/workers/{worker_id}/limits", self.admin_limits)
         app.router.add_post("/admin/workers/{worker_id}/role", self.admin_role)
         app.router.add_post("/admin/migrate", self.admin_migrate)
+        app.router.add_get("/admin/requests", self.admin_requests)
         app.on_startup.append(lambda _: self.cluster.start())
         app.on_cleanup.append(lambda _: self.cluster.close())
         return app
@@ -220,6 +221,25 @@ class Router:
             raise ApiError(400, "max_num_seqs must be an integer in 1..65536", param="max_num_seqs")
         self.cluster.set_limits(wid, n)
         return web.json_response({"id": wid, "max_num_seqs": n})
+
+    async def admin_requests(self, request: web.Request) -> web.Response:
+        """Every request in flight: where it runs and how far it got."""
+        return web.json_response(
+            {
+                "requests": [
+                    {
+                        "request_id": s.request_id,
+                        "prefill_worker": s.prefill,
+                        "worker": s.target,
+                        "tokens_out": s.num_tokens_out,
+                        "dispatches": s.dispatches,
+                        "migrating_to": s.migrating_to,
+                        "parked": s.parked_until is not None,
+                    }
+                    for s in self.cluster.streams.values()
+                ]
+            }
+        )
 
     async def admin_migrate(self, request: web.Request) -> web.Response:
         """Moves one running request, KV and all, to another decode worker."""

@@ -460,6 +460,10 @@ def openapi_schema(max_body_bytes: int) -> dict:
                 {"type": "object", "properties": {"migrate": {"type": "boolean"}}},
                 required=False,
             ),
+            "/admin/requests": _get(
+                "Every request in flight: its workers, tokens so far, migration",
+                {"200": {"description": "requests", **_json({"type": "object"})}},
+            ),
             "/admin/migrate": {
                 "post": {
                     "summary": "Live-migrate one running request to another decode worker",
