@@ -264,8 +264,8 @@ class Router:
         wid = self._worker(request)
         body = await _json(request)
         role = body.get("role") if isinstance(body, dict) else None
-        if role not in ("prefill", "decode", "colocated"):
-            raise ApiError(400, "role must be prefill, decode or colocated", param="role")
+        if role not in ("prefill", "decode", "colocated", "partial"):
+            raise ApiError(400, "role must be prefill, decode, colocated or partial", param="role")
         try:
             self.cluster.switch_role(wid, role)
         except ValueError as e:

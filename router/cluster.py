@@ -355,7 +355,7 @@ class Cluster:
         s = self.streams[request_id]
         dst = self.workers[to_worker]
         src = self.workers.get(s.target or "")
-        if src is None or src.hello.role not in ("decode", "colocated"):
+        if src is None or src.hello.role not in DECODE_ROLES:
             raise ValueError(f"request {request_id} is not decoding on a worker")
         if not s.kv_landed or (s.prefill is not None and not s.got_first):
             raise ValueError(f"request {request_id} has not started decoding yet")

@@ -305,7 +305,7 @@ _CLUSTER = {
                 "required": ["id", "role", "state"],
                 "properties": {
                     "id": {"type": "string"},
-                    "role": {"enum": ["prefill", "decode", "colocated"]},
+                    "role": {"enum": ["prefill", "decode", "colocated", "partial"]},
                     "address": {"type": "string"},
                     "host": {"type": "string"},
                     "state": {"type": "string"},
@@ -505,7 +505,7 @@ def openapi_schema(max_body_bytes: int) -> dict:
                 {
                     "type": "object",
                     "required": ["role"],
-                    "properties": {"role": {"enum": ["prefill", "decode", "colocated"]}},
+                    "properties": {"role": {"enum": ["prefill", "decode", "colocated", "partial"]}},
                 },
             ),
         },

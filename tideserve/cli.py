@@ -112,6 +112,7 @@ def worker_config(args: argparse.Namespace, role: str):
         curve_keys=args.curve_keys,
         kv_timeout_s=args.kv_timeout,
         drain_timeout_s=args.drain_timeout,
+        tpot_slo_s=getattr(args, "tpot_slo", 0.2),
         engine=EngineConfig(**{**engine.__dict__, "model": model_path(engine.model)}),
     )
 
@@ -375,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("action", choices=["prepare", "path"])
     model.set_defaults(func=cmd_model)
     srv = sub.add_parser("serve", help="start the router and workers on this machine")
-    srv.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"])
+    srv.add_argument(
+        "--mode", default="disaggregated", choices=["disaggregated", "colocated", "partial"]
+    )
     srv.add_argument("--prefill", type=int, default=1, help="prefill workers (disaggregated)")
     srv.add_argument("--decode", type=int, default=1, help="decode (or colocated) workers")
     srv.add_argument("--host", default="127.0.0.1")
@@ -430,7 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("prefill", "one prefill worker"), ("decode", "one decode worker")):
         w = sub.add_parser(name, help=helptext)
         if name == "decode":
-            w.add_argument("--role", default="decode", choices=["decode", "colocated"])
+            w.add_argument(
+                "--role",
+                default="decode",
+                choices=["decode", "colocated", "partial"],
+                help="partial: colocated with prefill and decode phases in time (EcoServe PaDG)",
+            )
+            w.add_argument(
+                "--tpot-slo",
+                type=float,
+                default=0.2,
+                help="partial: the TPOT target (s) its prefill phases must respect",
+            )
         w.add_argument("--router-address", default="tcp://127.0.0.1:7100")
         w.add_argument("--worker-id", default="")
         w.add_argument(

@@ -54,8 +54,8 @@ class ServeConfig:
     autoscaler_args: tuple[str, ...] = ()  # its policy, bounds and SLO flags
 
     def __post_init__(self) -> None:
-        if self.mode not in ("disaggregated", "colocated"):
-            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
+        if self.mode not in ("disaggregated", "colocated", "partial"):
+            raise ValueError(f"mode must be disaggregated, colocated or partial, got {self.mode!r}")
         if self.num_decode < 1 or (self.mode == "disaggregated" and self.num_prefill < 1):
             raise ValueError(
                 "need at least one decode worker (and one prefill worker when disaggregated)"
@@ -113,7 +113,7 @@ def worker_commands(
     roles = (
         ["prefill"] * cfg.num_prefill + ["decode"] * cfg.num_decode
         if cfg.mode == "disaggregated"
-        else ["colocated"] * cfg.num_decode
+        else [cfg.mode if cfg.mode == "partial" else "colocated"] * cfg.num_decode
     )
     if cfg.curve_keys:
         engine += ["--curve-keys", os.path.abspath(cfg.curve_keys)]

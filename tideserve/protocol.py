@@ -30,7 +30,7 @@ MAX_HEADER_BYTES = 4 << 20  # a msgpack header larger than this is rejected
 MAX_TENSOR_BYTES = 1 << 31  # one raw tensor frame
 MAX_FRAMES = 64
 
-Role = Literal["prefill", "decode", "colocated"]
+Role = Literal["prefill", "decode", "colocated", "partial"]
 WorkerState = Literal["starting", "ready", "draining"]
 # NOTE: decoding checks these bounds; a Hello outside them would break routing for everyone
 # (a zero block size divides by zero in the policy)
@@ -108,6 +108,10 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True, frozen=True):
     kv_blocks_total: int
     num_inflight_kv: int = 0  # transfers under way into or out of this worker
     max_num_seqs: int = 0  # its batch cap now (the autoscaler's local backpressure moves it)
+    phase: str = ""  # partial mode: "prefill" or "decode", the phase of its last step
+    min_slack_s: float = -1.0  # partial mode: the smallest slack of its running requests
+    prefill_s_per_token: float = 0.0  # partial mode: measured prefill speed
+    decode_step_s: float = 0.0  # partial mode: measured decode step
 
 
 class SetLimits(msgspec.Struct, tag="set_limits", array_like=True, frozen=True):

@@ -56,12 +56,17 @@ class WorkerConfig:
     connect_timeout_s: float = 30.0  # how long to wait for the router's Welcome
     kv_timeout_s: float = 30.0  # a KV transfer that does not complete in this time is aborted
     drain_timeout_s: float = 60.0  # SIGTERM: how long running requests may take to finish
+    tpot_slo_s: float = 0.2  # partial mode: the TPOT target its prefill phases respect
     curve_keys: str = ""  # CURVE key directory for every ZMQ socket; "" = plaintext
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        if self.role not in ("prefill", "decode", "colocated"):
-            raise ValueError(f"role must be prefill, decode or colocated, got {self.role!r}")
+        if self.role not in ("prefill", "decode", "colocated", "partial"):
+            raise ValueError(
+                f"role must be prefill, decode, colocated or partial, got {self.role!r}"
+            )
+        if self.tpot_slo_s <= 0:
+            raise ValueError("tpot_slo_s must be positive")
         if self.heartbeat_interval_s <= 0:
             raise ValueError("heartbeat_interval_s must be positive")
 

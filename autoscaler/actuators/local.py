@@ -47,7 +47,7 @@ class LocalActuator:
 
     def command(self, role: str, worker_id: str) -> list[str]:
         cmd = "prefill" if role == "prefill" else "decode"
-        extra = ["--role", role] if role == "colocated" else []
+        extra = ["--role", role] if role in ("colocated", "partial") else []
         return [
             sys.executable, "-m", "tideserve.cli", "--log-level", self.log_level, cmd, *extra,
             "--router-address", self.router_address, "--worker-id", worker_id,

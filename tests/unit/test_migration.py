@@ -103,10 +103,16 @@ def _migrate(src, dst, rid: str, transport: str) -> None:
     src.migration.start(MigrateRequest(rid, dst.wid, dst.receiver.address, transport))
 
 
-def _until(cond, *ws, limit: int = 5000) -> None:
-    for _ in range(limit):
+def _until(cond, *ws, limit: int = 5000, timeout_s: float = 10.0) -> None:
+    """Ticks the workers until `cond` (at least `limit` ticks, or `timeout_s`: timeouts)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for i in itertools.count():
         if cond():
             return
+        if i >= limit and time.monotonic() > deadline:
+            break
         _tick(*ws)
     raise AssertionError("never happened")
 

@@ -89,6 +89,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = scheduler.config.max_model_len
         self.seqs: dict[str, Sequence] = {}
+        self.last_step = (0, 0)  # (prompt tokens, decodes) of the last step
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -185,13 +186,17 @@ class LLMEngine:
         self,
         on_kv_layer: KVLayerHook | None = None,
         on_layer: Callable[[int], None] | None = None,
+        phase: str = "",
+        token_budget: int | None = None,
     ) -> list[RequestOutput]:
         """One model step. With `on_kv_layer`, each `hold_kv` request whose prefill completes in
         this step has every layer's KV handed to the hook as soon as that layer is computed
         (`hook(request_id, layer, kv[2, kvh, T, hd])`), so a transfer overlaps the compute.
         `on_layer(i)` runs after every layer: a worker keeps its heartbeat going from there
-        through a long prefill step."""
-        plan = self.scheduler.schedule()
+        through a long prefill step. `phase` and `token_budget`: see `Scheduler.schedule`;
+        `last_step` then says what ran: (prompt tokens, decodes)."""
+        plan = self.scheduler.schedule(phase=phase, token_budget=token_budget)
+        self.last_step = (sum(it.num_tokens for it in plan.prefills), len(plan.decodes))
         if plan.is_empty:
             return []
         rows, result = self.runner.run(plan, self._layer_hook(plan, on_kv_layer, on_layer))

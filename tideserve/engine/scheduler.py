@@ -129,21 +129,33 @@ class Scheduler:
         if aged:
             self.waiting.sort(key=lambda s: s.sort_key)
 
-    def schedule(self, now: float | None = None) -> SchedulerOutput:
+    def schedule(
+        self, now: float | None = None, phase: str = "", token_budget: int | None = None
+    ) -> SchedulerOutput:
+        """One step's work. `phase` (partial disaggregation): "decode" runs only decodes and
+        admits nothing; "prefill" runs only prompts (new ones, and chunks of started ones),
+        at most `token_budget` tokens; "" mixes both (chunked prefill)."""
         self._age(time.monotonic() if now is None else now)
         out = SchedulerOutput(decodes=[], prefills=[], preempted=[])
         budget = self.config.max_num_batched_tokens
+        if token_budget is not None:
+            budget = min(budget, token_budget)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if (phase == "decode" and seq.is_prefill) or (
+                phase == "prefill" and not seq.is_prefill
+            ):
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, n, out):
                 break  # seq itself was preempted; everything after it too
             self._emit(out, seq, n)
             budget -= n
             i += 1
-        if out.preempted:
-            return out  # the pool is tight: admit nothing new this step
+        if out.preempted or phase == "decode":
+            return out  # the pool is tight (or decoding only): admit nothing new this step
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             n = seq.num_tokens - seq.num_computed_tokens

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DECODE_ROLES = ("decode", "colocated")
+DECODE_ROLES = ("decode", "colocated", "partial")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from kv_transfer import (
     KVAbortEvent,
     KVBeginEvent,
@@ -32,6 +34,7 @@ from tideserve.protocol import (
     TokenChunk,
 )
 from tideserve.roles.migration import MigrationSink, MigrationSource
+from tideserve.roles.phases import PhaseController
 from tideserve.worker import (
     RouterLink,
     WorkerConfig,
@@ -69,8 +72,9 @@ class DecodeWorker:
             MigrateRequest: self.migration.start,
             CancelMigration: self.handle_cancel_migration,
         }
-        if cfg.role == "colocated":
+        if cfg.role in ("colocated", "partial"):
             handlers[GenerateRequest] = self.handle_generate
+        self.phases = PhaseController(engine, cfg.tpot_slo_s) if cfg.role == "partial" else None
         self.loop = WorkerLoop(
             cfg,
             link,
@@ -112,6 +116,8 @@ class DecodeWorker:
             self.sink.drop(msg.request_id)
 
     def handle_abort(self, msg: AbortRequest) -> None:
+        if self.phases is not None:
+            self.phases.forget(msg.request_id)
         self.migration.cancel(msg.request_id, "aborted", tell_router=False)
         if msg.request_id in self.sink.incoming:
             self.sink.drop(msg.request_id)
@@ -221,7 +227,11 @@ class DecodeWorker:
     def step(self) -> bool:
         if not self.engine.has_unfinished():
             return False
-        for out in self.engine.step(on_layer=self.loop.heartbeat):
+        if self.phases is not None:
+            outs = self.phases.step(self.loop.heartbeat)
+        else:
+            outs = self.engine.step(on_layer=self.loop.heartbeat)
+        for out in outs:
             self.link.send(
                 TokenChunk(
                     request_id=out.request_id,
@@ -235,4 +245,7 @@ class DecodeWorker:
         return True
 
     def stats(self):
-        return engine_stats(self.cfg, self.engine, self.loop.state, len(self.importing))
+        hb = engine_stats(self.cfg, self.engine, self.loop.state, len(self.importing))
+        if self.phases is not None:
+            hb = msgspec.structs.replace(hb, **self.phases.report())
+        return hb

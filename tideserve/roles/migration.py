@@ -137,7 +137,14 @@ class MigrationSource:
             for tid in sender.expired(now):
                 self._on_ack(tid, False, "a migration stage timed out")
         for out in list(self.out.values()):
-            if not out.inflight:
+            if out.final_sent:
+                continue  # paused here, committed there: only the ack decides now
+            seq = self.engine.seqs.get(out.request_id)
+            if seq is None or seq.is_finished:
+                self.cancel(out.request_id, "the request finished")
+            elif seq.num_preemptions != out.preemptions:
+                self.cancel(out.request_id, "the request was preempted")
+            elif not out.inflight:
                 self._advance(out)
 
     def _on_ack(self, tid: str, ok: bool, reason: str) -> None:
