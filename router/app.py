@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 from router.auth import api_key_middleware
-from router.cluster import Cluster, NoCapacity, Stream
+from router.cluster import Cluster, NoCapacity, PadgConfig, Stream
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.openai_api import (
@@ -163,7 +163,20 @@ class Router:
 
     def _workers_json(self) -> list[dict]:
         c = self.cluster
-        return [w.as_json(c.requests_on(wid)) for wid, w in c.workers.items()]
+        out = []
+        for wid, w in c.workers.items():
+            j = w.as_json(c.requests_on(wid))
+            if w.hello.role == "partial":
+                group, active = c.macro_of(wid)
+                st = w.stats
+                j |= {
+                    "macro_instance": group,
+                    "prefill_active": active,
+                    "phase": st.phase if st else "",
+                    "min_slack_s": st.min_slack_s if st and st.min_slack_s >= 0 else None,
+                }
+            out.append(j)
+        return out
 
     # -- admin: what the autoscaler reads and does ---------------------------------------------
 
@@ -524,6 +537,7 @@ def build(cfg: RouterConfig) -> Router:
         cfg.kv_transports,
         redispatch_wait_s=cfg.redispatch_wait_s,
         migration=cfg.migration,
+        padg=PadgConfig(cfg.ttft_slo_s, cfg.macro_n_max, cfg.macro_n_min),
         curve=load_curve_keys(cfg.curve_keys),
     )
     return Router(cfg, tokenizer, cluster)

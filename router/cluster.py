@@ -29,7 +29,10 @@ import zmq
 import zmq.asyncio
 
 from tideserve.policy.migration import DECODE_ROLES, DecodeLoad, RunningRequest, plan
-from tideserve.policy.routing import WorkerView, blocks_for, choose_kv_transport, route
+from tideserve.policy.padg import Instance, place
+from tideserve.policy.padg import join as padg_join
+from tideserve.policy.padg import leave as padg_leave
+from tideserve.policy.routing import Route, WorkerView, blocks_for, choose_kv_transport, route
 from tideserve.protocol import (
     AbortRequest,
     CancelMigration,
@@ -159,6 +162,13 @@ class Stream:
         return len(self.output_token_ids)
 
 
+@dataclass(frozen=True)
+class PadgConfig:
+    ttft_slo_s: float = 2.0  # rolling activation: the TTFT a placement must meet
+    n_max: int = 4  # a macro instance larger than this splits in two
+    n_min: int = 2  # two smaller than this merge
+
+
 class NoCapacity(Exception):
     """No ready worker can take the request."""
 
@@ -172,6 +182,7 @@ class Cluster:
         kv_transports: tuple[str, ...],
         redispatch_wait_s: float = 30.0,
         migration: bool = False,
+        padg: PadgConfig | None = None,
         *,
         curve: CurveKeys | None = None,
     ) -> None:
@@ -183,6 +194,9 @@ class Cluster:
         self.kv_transports = kv_transports
         self.redispatch_wait_s = redispatch_wait_s
         self.migration = migration  # balance decode load by moving running requests
+        self.padg = padg or PadgConfig()
+        self.groups: list[list[str]] = []  # macro instances of partial-mode workers
+        self.active: dict[int, str] = {}  # macro instance -> its prefill-active worker
         self.workers: dict[str, Worker] = {}
         self.streams: dict[str, Stream] = {}  # request id -> stream
         self.wire: dict[str, str] = {}  # wire id of a live dispatch -> request id
@@ -236,7 +250,55 @@ class Cluster:
 
     @property
     def is_ready(self) -> bool:
-        return bool(self.ready("colocated")) or bool(self.ready("prefill") and self.ready("decode"))
+        if self.ready("colocated") or self.ready("partial"):
+            return True
+        return bool(self.ready("prefill") and self.ready("decode"))
+
+    # -- partial disaggregation: macro instances, rolling activation ------------------------
+
+    def _instances(self, num_tokens: int, exclude: frozenset[str]) -> dict[str, Instance]:
+        out = {}
+        for wid, w in self.workers.items():
+            if w.hello.role != "partial":
+                continue
+            st, v = w.stats, w.view()
+            out[wid] = Instance(
+                worker_id=wid,
+                ready=v.state == "ready" and v.max_model_len > num_tokens and wid not in exclude,
+                free_blocks=v.kv_blocks_free,
+                block_size=v.block_size,
+                queued_prefill_tokens=v.queued_prefill_tokens,
+                min_slack_s=st.min_slack_s if st and st.min_slack_s >= 0 else None,
+                prefill_s_per_token=(st.prefill_s_per_token if st else 0) or 2e-3,
+                decode_step_s=(st.decode_step_s if st else 0) or 0.05,
+            )
+        return out
+
+    def _place_partial(self, num_tokens: int, exclude: frozenset[str]) -> Route | None:
+        instances = self._instances(num_tokens, exclude)
+        if not instances:
+            return None
+        p = place(self.groups, self.active, instances, num_tokens, self.padg.ttft_slo_s)
+        if p is None:
+            return None
+        if self.active.get(p.group) != p.active:
+            if p.rolled:
+                self.events["activation_rolled"] += 1
+            self.active[p.group] = p.active
+        return Route(None, p.worker_id)
+
+    def _regroup(self, joined: str | None = None, left: str | None = None) -> None:
+        if joined is not None:
+            self.groups = padg_join(self.groups, joined, self.padg.n_max)
+        if left is not None:
+            self.groups = padg_leave(self.groups, left, self.padg.n_min, self.padg.n_max)
+        self.active = {g: ws[0] for g, ws in enumerate(self.groups)}
+
+    def macro_of(self, worker_id: str) -> tuple[int | None, bool]:
+        for g, ws in enumerate(self.groups):
+            if worker_id in ws:
+                return g, self.active.get(g) == worker_id
+        return None, False
 
     @property
     def max_model_len(self) -> int | None:
@@ -257,8 +319,11 @@ class Cluster:
     def _dispatch(self, s: Stream, exclude: frozenset[str] | None = None) -> None:
         """Sends `s` (its prompt plus the tokens it already has) under a new wire id."""
         prompt = s.prompt_token_ids + s.output_token_ids
-        views = [w.view() for w in self.workers.values()]
-        r = route(views, len(prompt), exclude=frozenset(s.tried) if exclude is None else exclude)
+        excluded = frozenset(s.tried) if exclude is None else exclude
+        r = self._place_partial(len(prompt), excluded)
+        if r is None:
+            views = [w.view() for w in self.workers.values()]
+            r = route(views, len(prompt), exclude=excluded)
         if r is None:
             raise NoCapacity("no ready worker can take this request")
         self.wire.pop(s.wire_id, None)
@@ -531,6 +596,11 @@ class Cluster:
             old = None
         self.workers[msg.worker_id] = Worker(msg, time.monotonic())
         self._send(msg.worker_id, Welcome(True))
+        in_group = self.macro_of(msg.worker_id)[0] is not None
+        if msg.role == "partial" and not in_group:
+            self._regroup(joined=msg.worker_id)
+        elif msg.role != "partial" and in_group:  # switched roles
+            self._regroup(left=msg.worker_id)
         if old is None:
             log.info("worker %s (%s) joined from %s", msg.worker_id, msg.role, msg.host)
             self.events["worker_joined"] += 1
@@ -677,6 +747,8 @@ class Cluster:
         if self.workers.pop(worker_id, None) is None:
             return
         self.events["worker_dropped"] += 1
+        if self.macro_of(worker_id)[0] is not None:
+            self._regroup(left=worker_id)
         for s in list(self.streams.values()):
             if s.migrating_to == worker_id:  # the destination died: the source keeps it
                 if s.target in self.workers:

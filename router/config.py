@@ -21,6 +21,9 @@ class RouterConfig:
     redispatch_wait_s: float = 30.0  # how long a request whose worker died waits for another
     stats_window_s: float = 30.0  # the window /admin/stats rates and p90s cover
     migration: bool = False  # balance decode load by live-migrating running requests
+    ttft_slo_s: float = 2.0  # partial mode: the TTFT a request's placement must meet
+    macro_n_max: int = 4  # partial mode: a macro instance larger than this splits
+    macro_n_min: int = 2  # partial mode: two macro instances smaller than this merge
     kv_transports: tuple[str, ...] = ("shm", "tcp")  # allowed, best first
     api_key: str = field(default="", repr=False)  # "" = open; else /v1/*, /admin/* need Bearer
     protect_metrics: bool = False  # /metrics also needs the API key
@@ -31,6 +34,8 @@ class RouterConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.heartbeat_timeout_s <= 0 or self.request_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if not 1 <= self.macro_n_min <= self.macro_n_max:
+            raise ValueError("need 1 <= macro_n_min <= macro_n_max")
         if self.max_inflight_requests < 1:
             raise ValueError("max_inflight_requests must be >= 1")
         if not 0 <= self.max_inflight_batch <= self.max_inflight_requests:

@@ -76,6 +76,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
         choices=["on", "off"],
         help="balance decode workers by live-migrating running requests (Llumnix)",
     )
+    p.add_argument("--macro-max", type=int, default=4, help="partial: split macro instances above")
+    p.add_argument("--macro-min", type=int, default=2, help="partial: merge macro instances below")
     p.add_argument(
         "--max-inflight-batch",
         type=int,
@@ -146,6 +148,9 @@ def cmd_router(args: argparse.Namespace) -> int:
             max_inflight_requests=args.max_inflight,
             max_inflight_batch=args.max_inflight_batch,
             migration=args.migration == "on",
+            ttft_slo_s=args.slo_ttft,
+            macro_n_max=args.macro_max,
+            macro_n_min=args.macro_min,
             api_key=args.api_key,
             protect_metrics=args.protect_metrics,
             curve_keys=args.curve_keys,
@@ -190,6 +195,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_inflight_requests=args.max_inflight,
         max_inflight_batch=args.max_inflight_batch,
         migration=args.migration == "on",
+        slo_ttft_s=args.slo_ttft,
+        slo_tpot_s=args.slo_tpot,
+        macro_n_max=args.macro_max,
+        macro_n_min=args.macro_min,
         api_key=args.api_key,
         protect_metrics=args.protect_metrics,
         curve_keys=args.curve_keys,
@@ -428,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--worker-address", default="tcp://127.0.0.1:7100")
     add_security_args(rt, http=True)
     add_router_args(rt)
+    rt.add_argument(
+        "--slo-ttft",
+        type=float,
+        default=2.0,
+        help="partial mode: the TTFT (s) rolling activation places requests to meet",
+    )
     rt.set_defaults(func=cmd_router)
 
     for name, helptext in (("prefill", "one prefill worker"), ("decode", "one decode worker")):

@@ -47,6 +47,10 @@ class ServeConfig:
     max_inflight_requests: int = 512  # the router's admission limit
     max_inflight_batch: int = 0  # of those, batch-class at most; 0 = half
     migration: bool = False  # the router balances decode load by live migration
+    slo_ttft_s: float = 2.0  # partial mode: rolling activation's TTFT target
+    slo_tpot_s: float = 0.2  # partial mode: the TPOT target of the workers' prefill phases
+    macro_n_max: int = 4
+    macro_n_min: int = 2
     api_key: str = field(default="", repr=False)  # reaches the router in its env, never argv
     protect_metrics: bool = False  # /metrics needs the API key too
     curve_keys: str = ""  # CURVE key directory for every internal socket; "" = plaintext
@@ -122,6 +126,8 @@ def worker_commands(
     for i, role in enumerate(roles):
         cmd = "prefill" if role == "prefill" else "decode"
         extra = [] if role == "prefill" else ["--role", role]
+        if role == "partial":
+            extra += ["--tpot-slo", str(cfg.slo_tpot_s)]
         cmds.append(
             base
             + [
@@ -178,6 +184,12 @@ def serve(cfg: ServeConfig) -> int:
         str(cfg.max_inflight_batch),
         "--migration",
         "on" if cfg.migration else "off",
+        "--slo-ttft",
+        str(cfg.slo_ttft_s),
+        "--macro-max",
+        str(cfg.macro_n_max),
+        "--macro-min",
+        str(cfg.macro_n_min),
     ]
     if cfg.served_model_name:
         router_cmd += ["--served-model-name", cfg.served_model_name]
