@@ -168,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             make_policy(
                 args.policy,
-                autoscale_bounds(args, args.mode == "colocated"),
+                autoscale_bounds(args, args.mode),
                 SLO(args.slo_ttft, args.slo_tpot, args.slo_batch_deadline),
                 **_key_values(args.policy_option, "--policy-option"),
             )
@@ -218,7 +218,7 @@ def _autoscaler_flags(args: argparse.Namespace) -> list[str]:
         out += ["--metrics-port", str(args.metrics_port)]
     for opt in args.policy_option:
         out += ["--policy-option", opt]
-    for role in ("prefill", "decode", "colocated"):
+    for role in ("prefill", "decode", "colocated", "partial"):
         for end in ("min", "max"):
             v = getattr(args, f"{end}_{role}")
             if v is not None:
@@ -273,7 +273,12 @@ def add_autoscale_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a policy option (docs/autoscaling.md), e.g. decode_tps_per_worker=40",
     )
-    for role, lo, hi in (("prefill", 0, 4), ("decode", 1, 4), ("colocated", 0, 4)):
+    for role, lo, hi in (
+        ("prefill", 0, 4),
+        ("decode", 1, 4),
+        ("colocated", 0, 4),
+        ("partial", 0, 4),
+    ):
         p.add_argument(f"--min-{role}", type=int, default=None, help=f"default {lo}")
         p.add_argument(f"--max-{role}", type=int, default=None, help=f"default {hi}")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="interactive TTFT p90 target, s")
@@ -286,14 +291,18 @@ def add_autoscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="its own /metrics; 0 = none")
 
 
-def autoscale_bounds(args: argparse.Namespace, colocated: bool):
+def autoscale_bounds(args: argparse.Namespace, mode: str):
     from tideserve.policy.autoscale import Bounds
 
     d = Bounds()
-    if colocated:  # one pool: --min/max-decode mean the colocated workers too
-        lo = args.min_colocated if args.min_colocated is not None else args.min_decode
-        hi = args.max_colocated if args.max_colocated is not None else args.max_decode
-        return Bounds(0, 0, 0, 0, 1 if lo is None else lo, d.max_colocated if hi is None else hi)
+    if mode in ("colocated", "partial"):  # one pool: --min/max-decode bound it too
+        own_lo, own_hi = getattr(args, f"min_{mode}"), getattr(args, f"max_{mode}")
+        lo = own_lo if own_lo is not None else args.min_decode
+        hi = own_hi if own_hi is not None else args.max_decode
+        lo, hi = 1 if lo is None else lo, 4 if hi is None else hi
+        if mode == "partial":
+            return Bounds(0, 0, 0, 0, 0, 0, min_partial=lo, max_partial=hi)
+        return Bounds(0, 0, 0, 0, lo, hi)
     pick = lambda v, default: default if v is None else v
     return Bounds(
         pick(args.min_prefill, max(1, d.min_prefill)),
@@ -310,18 +319,20 @@ def cmd_autoscaler(args: argparse.Namespace) -> int:
     from autoscaler.service import Autoscaler, AutoscalerConfig
     from tideserve.policy.autoscale import SLO, make_policy
 
-    colocated = args.mode == "colocated"
     try:
-        bounds = autoscale_bounds(args, colocated)
+        bounds = autoscale_bounds(args, args.mode)
         slo = SLO(args.slo_ttft, args.slo_tpot, args.slo_batch_deadline)
         policy = make_policy(
             args.policy, bounds, slo, **_key_values(args.policy_option, "--policy-option")
         )
         options = _key_values(args.actuator_option, "--actuator-option")
         if args.actuator == "local":
+            wargs = worker_engine_args(args)
+            if args.mode == "partial":
+                wargs += ["--tpot-slo", str(args.slo_tpot)]
             options = {
                 "router_address": args.worker_router_address,
-                "worker_args": tuple(worker_engine_args(args)),
+                "worker_args": tuple(wargs),
                 "threads": args.num_threads or 1,
                 "log_level": args.log_level,
                 **options,
@@ -411,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="tcp://127.0.0.1:7100",
         help="the router's worker socket, for the workers the local actuator starts",
     )
-    asc.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"])
+    asc.add_argument(
+        "--mode", default="disaggregated", choices=["disaggregated", "colocated", "partial"]
+    )
     asc.add_argument("--served-model-name", default="")
     asc.add_argument(
         "--api-key",

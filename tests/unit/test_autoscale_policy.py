@@ -27,6 +27,7 @@ OPTIONS = {
     "utilization": {},
     "coordinated": {"decode_tps_per_worker": 120.0, "pd_ratio": 0.5},
     "slo": {"batch_interval_s": 10.0},
+    "mitosis": {},
 }
 SCALING = ("utilization", "coordinated", "slo")
 SHRINK_AFTER_S = {"utilization": 30.0, "coordinated": 60.0, "slo": 60.0}  # their default windows
@@ -351,7 +352,7 @@ def test_static_never_acts():
     assert c.actions == []
 
 
-@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("name", [p for p in POLICIES if p != "mitosis"])  # mitosis: below
 def test_decide_is_deterministic(name):
     phases = [(LOW, 5), (HIGH, 10), *[(HIGH, 1), (LOW, 1)] * 10, (Load(batch=300), 20), (LOW, 30)]
     first = Cluster(name, prefill=1, decode=1).run(*phases).actions
@@ -397,3 +398,50 @@ def test_make_policy_defaults_and_none_options():
     assert [make_policy(n, BOUNDS, SLO(), **OPTIONS[n]).name for n in POLICIES] == list(POLICIES)
     p = make_policy("utilization", BOUNDS, SLO(), target_busy=None)
     assert p.opts.target_busy == 0.7
+
+
+# -- mitosis: the partial pool, one instance at a time ------------------------------------
+
+
+def _partial_obs(now, n, starting=0, ttft=None, tpot=None, waiting=0):
+    from tideserve.policy.autoscale import Observation, WorkerObs
+
+    workers = tuple(WorkerObs(f"p{i}", "partial", "ready", 2, 0, 0, 10, 100, 8) for i in range(n))
+    return Observation(
+        now=now, workers=workers, starting={"partial": starting}, window_s=30.0,
+        decode_tokens_per_s=0.0, prefill_tokens_per_s=0.0, ttft_p90_s=ttft, tpot_p90_s=tpot,
+        queue_wait_p90_s=None, inflight={"interactive": 1}, waiting={"interactive": waiting},
+    )  # fmt: skip
+
+
+def test_mitosis_grows_one_instance_at_a_time_and_shrinks_after_slack():
+    b = Bounds(0, 0, 0, 0, 0, 0, min_partial=1, max_partial=3)
+    p = make_policy("mitosis", b, SLO(ttft_s=2.0, tpot_s=0.2), up_cooldown_s=0)
+    [a] = p.decide(_partial_obs(0, 1, ttft=3.0))
+    assert a.targets == {"partial": 2} and "TTFT p90" in a.reason
+    assert p.decide(_partial_obs(5, 1, starting=1, ttft=3.0)) == []  # one at a time
+    [a] = p.decide(_partial_obs(10, 2, tpot=0.5))
+    assert a.targets == {"partial": 3}
+    assert p.decide(_partial_obs(15, 3, ttft=9.0)) == []  # at max
+    assert p.decide(_partial_obs(20, 3, waiting=0, ttft=0.1, tpot=0.01)) == []  # not yet
+    actions = [p.decide(_partial_obs(20 + 5 * k, 3, ttft=0.1, tpot=0.01)) for k in range(1, 30)]
+    shrink = [a for acts in actions for a in acts]
+    assert shrink and shrink[0].targets == {"partial": 2} and "slack" in shrink[0].reason
+
+
+def test_mitosis_does_not_flap_and_is_deterministic():
+    b = Bounds(0, 0, 0, 0, 0, 0, min_partial=1, max_partial=4)
+
+    def run():
+        p = make_policy("mitosis", b, SLO())
+        n, out = 1, []
+        for k in range(120):
+            hot = k % 2 == 0
+            acts = p.decide(_partial_obs(5.0 * k, n, ttft=5.0 if hot else 0.1, tpot=0.01))
+            for a in acts:
+                n = a.targets["partial"]
+            out += acts
+        return out
+
+    first = run()
+    assert first == run() and len(first) <= 4

@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Protocol
 
-ROLES = ("prefill", "decode", "colocated")
+ROLES = ("prefill", "decode", "colocated", "partial")
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,8 @@ class Bounds:
     max_decode: int = 4
     min_colocated: int = 0
     max_colocated: int = 4
+    min_partial: int = 0
+    max_partial: int = 4
 
     def of(self, role: str) -> tuple[int, int]:
         return getattr(self, f"min_{role}"), getattr(self, f"max_{role}")
@@ -586,8 +588,73 @@ class SLOPolicy:
 
 # --- construction --------------------------------------------------------------------------
 
-POLICIES: tuple[str, ...] = ("static", "utilization", "coordinated", "slo")
-_OPTIONS = {"utilization": UtilizationOptions, "coordinated": CoordinatedOptions, "slo": SLOOptions}
+
+@dataclass(frozen=True)
+class MitosisOptions:
+    """`mitosis` (EcoServe): the partial pool grows and shrinks one instance at a time; the
+    router splits and merges macro instances as it does (tideserve/policy/padg.py)."""
+
+    ttft_threat: float = 0.8  # grow when interactive TTFT p90 > this x the SLO
+    tpot_threat: float = 0.8  # ... or TPOT p90 > this x the SLO
+    queue_per_instance: float = 2.0  # ... or more requests waiting per instance than this
+    slack: float = 0.4  # shrink after slack_window_s with p90s under this x the SLO and
+    slack_window_s: float = 60.0  # nobody waiting
+    up_cooldown_s: float = 15.0
+    down_cooldown_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_threat", "tpot_threat", "slack", "queue_per_instance"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"mitosis option {name} must be > 0")
+        if min(self.slack_window_s, self.up_cooldown_s, self.down_cooldown_s) < 0:
+            raise ValueError("mitosis windows and cooldowns must be >= 0")
+
+
+class MitosisPolicy:
+    """Scales the `partial` pool (macro instances grow one instance at a time)."""
+
+    name = "mitosis"
+
+    def __init__(self, bounds: Bounds, slo: SLO, opts: MitosisOptions) -> None:
+        self.bounds, self.slo, self.opts = bounds, slo, opts
+        self.damper = _Damper(opts.up_cooldown_s, opts.down_cooldown_s, opts.slack_window_s)
+
+    def decide(self, obs: Observation) -> list[Action]:
+        o, slo = self.opts, self.slo
+        cur = count(obs, "partial")
+        lo, hi = self.bounds.of("partial")
+        waiting = obs.waiting.get("interactive", 0)
+        ttft, tpot = obs.ttft_p90_s, obs.tpot_p90_s
+        why, desired = "", cur
+        if cur < max(lo, 1 if has_demand(obs) else 0):
+            desired, why = max(lo, 1), "below the minimum"
+        elif ttft is not None and ttft > o.ttft_threat * slo.ttft_s:
+            desired, why = cur + 1, f"TTFT p90 {ttft:.2f} s > {o.ttft_threat} x {slo.ttft_s} s"
+        elif tpot is not None and tpot > o.tpot_threat * slo.tpot_s:
+            desired, why = cur + 1, f"TPOT p90 {tpot:.3f} s > {o.tpot_threat} x {slo.tpot_s} s"
+        elif waiting > o.queue_per_instance * max(1, cur):
+            desired, why = cur + 1, f"{waiting} interactive requests waiting over {cur}"
+        elif (
+            waiting == 0
+            and (ttft is None or ttft < o.slack * slo.ttft_s)
+            and (tpot is None or tpot < o.slack * slo.tpot_s)
+        ):
+            desired, why = cur - 1, "sustained slack: p90s well under the SLO, nobody waiting"
+        if num_starting(obs, "partial") and desired > cur:
+            return []  # one instance at a time
+        new = min(hi, max(lo, self.damper.step(obs.now, cur, min(hi, max(lo, desired)))))
+        if new == cur:
+            return []
+        return [ScaleTo({"partial": new}, f"partial {cur}->{new}: {why}")]
+
+
+POLICIES: tuple[str, ...] = ("static", "utilization", "coordinated", "slo", "mitosis")
+_OPTIONS = {
+    "utilization": UtilizationOptions,
+    "coordinated": CoordinatedOptions,
+    "slo": SLOOptions,
+    "mitosis": MitosisOptions,
+}
 
 
 def _check(ok: bool, message: str, value: object) -> None:
@@ -642,4 +709,6 @@ def make_policy(name: str, bounds: Bounds, slo: SLO, **options) -> Policy:
                 "(or bounds with max_prefill=0 and max_decode=0 for a colocated cluster)"
             )
         return CoordinatedPolicy(bounds, slo, opts)
+    if name == "mitosis":
+        return MitosisPolicy(bounds, slo, opts)
     return SLOPolicy(bounds, slo, opts)
