@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -285,13 +286,29 @@ def _pause_table(res: dict) -> str:
 # -- drain and balance: a real `tideserve serve` -------------------------------------------------
 
 
+@contextlib.contextmanager
 def _serve(*flags: str):
+    """`tideserve serve` with 2 colocated workers, once both have joined (/health is ready
+    at the first)."""
+    import urllib.request
+
     from tideserve.launcher import ServeProcess
 
-    return ServeProcess(
+    srv = ServeProcess(
         "--mode", "colocated", "--decode", "2", "--threads", "1", "--dtype", "bfloat16",
         "--served-model-name", "m", *flags,
     )  # fmt: skip
+    with srv:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(srv.url + "/cluster", timeout=10) as r:
+                ws = json.loads(r.read())["workers"]
+            if len(ws) == 2 and all(w["state"] == "ready" for w in ws):
+                break
+            time.sleep(0.2)
+        else:
+            raise TimeoutError("the second worker never joined")
+        yield srv
 
 
 def _body(prompt: list[int], max_tokens: int, slo_class: str = "interactive") -> bytes:

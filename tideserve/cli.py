@@ -16,6 +16,7 @@ from dataclasses import fields
 
 from tideserve.bench import cli as bench_cli
 from tideserve.config import EngineConfig
+from tideserve.sim import cli as sim_cli
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -534,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.set_defaults(func=cmd_keys_generate)
     bench_cli.add_parser(sub)
+    sim_cli.add_parser(sub)
     return parser
 
 
