@@ -1,22 +1,26 @@
 """Live migration of running requests (Llumnix) on this machine, default model, 1 thread each.
 
-    python benchmarks/migration.py pause [--reps 3] [--lengths 256,512,1024,2048,4096]
+    python benchmarks/migration.py pause [--reps 5] [--lengths 256,512,1024,2048,4096]
     python benchmarks/migration.py drain [--requests 8]
-    python benchmarks/migration.py balance [--duration 40] [--rate 1.5]
+    python benchmarks/migration.py balance [--rate 2] [--duration 30] [--burst-tokens 512]
+        [--rounds 1]
 
 pause    The pause a migration costs the migrated request, against the KV it carries. Two
          colocated DecodeWorkers in this process (as in tests/unit/test_migration.py), each
          running its real worker loop in its own thread with 1 torch thread (2 cores), real
          kv_transfer over loopback tcp and shm; the benchmark talks to them through an
          in-process link that stamps every TokenChunk as the worker emits it. One request is
-         prefilled to each length, decodes 8 tokens, then moves back and forth --reps times
-         per transport. Per point (medians): the source-side pause (MigrationDone.pause_s:
-         pause -> the destination's commit ack), the client-visible gap (the source's last
-         token -> the destination's first; an ordinary token gap is one decode step, the ITL
-         column), the longest token gap from the migration's start until 4 tokens after it
-         (it also holds the source's export of the unpaused first stage), and the stages
-         sent. For contrast, a stop-the-world move at the same length: the whole KV in one
-         paused stage (final_tokens set huge), its pause and gap.
+         prefilled to each length (lengths past the model's max_model_len less 200 are
+         skipped and listed), decodes 8 tokens, then moves back and forth --reps times per
+         transport. Per point (medians): the source-side pause (MigrationDone.pause_s: pause
+         -> the destination's commit ack), the client-visible gap (the source's last token ->
+         the destination's first; an ordinary token gap is one decode step, the ITL column),
+         the longest token gap from the migration's start until 4 tokens after it (it also
+         holds the source's export of the unpaused first stage), and the stages sent. For
+         contrast, a stop-the-world move at the same length: the whole KV in one paused stage
+         (final_tokens set huge), its pause and gap. Only the migrated request runs, so a
+         worker reads its KV socket between short steps: under load a stage waits for the
+         step in progress on each side (see the drain mode's router-side pauses).
 drain    Scale-in by migration vs by waiting. `tideserve serve --mode colocated --decode 2
          --threads 1`; --requests long-output requests (the first ones of the Azure
          conversation trace sample with 256..384 output tokens, prompts clipped to 256 tokens,
@@ -24,20 +28,22 @@ drain    Scale-in by migration vs by waiting. `tideserve serve --mode colocated 
          every request has streamed 16 tokens, the busier worker is drained, and /cluster is
          polled until its `requests` is 0. Once with {"migrate": false} (the baseline: its
          requests finish there), once, on a fresh identical server, with {"migrate": true}.
-         Reports time to empty, the ratio, the batch's makespan, and that every request
-         completed with all its tokens.
+         Reports time to empty, the ratio, the batch's makespan, that every request completed
+         with all its tokens, and the router's migration count and pauses.
 balance  Interactive tail latency with --migration off vs on (two fresh servers, one run).
          The skew is one that admission routing (the colocated worker with the most free KV)
-         cannot see: one long-context request (a --context-tokens prompt) is sent first and
-         lands on one worker, holding much KV in a batch of one; then a burst of --burst
-         batch-class requests with short prompts and long outputs, which go to the other
-         worker, where KV is free (the first request's queued prefill counts against its
-         worker at once): that worker now decodes a batch of --burst with little KV. Then
-         Poisson arrivals of short interactive requests (--rate per second for --duration s,
-         128-token prompts, 32 output tokens): routed by free KV, they join the busy batch.
-         With migration on, the router's rebalancer (free blocks per running request) moves
-         batch-class requests to the idle-compute worker. Reports the interactive requests'
-         TTFT and TPOT p50/p90/p99, the burst's TPOT, and the migrations the router made.
+         cannot see: one long-context request (a --context-tokens prompt) is sent first, lands
+         on one worker and is prefilled there: much KV, a batch of one. Then a burst of
+         --burst batch-class requests (slo_class "batch", 16-token prompts, --burst-tokens
+         outputs), which go to the other worker, where KV is free: a batch of --burst with
+         little KV. Then Poisson arrivals of short interactive requests (--rate per second for
+         --duration s, 64-token prompts, 32 output tokens): routed by free KV, they join the
+         busy batch. With migration on, the router's rebalancer (free KV blocks per running
+         request, once a second) moves batch-class requests to the other worker. Reports the
+         interactive requests' TTFT and TPOT p50/p90/p99 (p99 of a few dozen is their max),
+         the burst's TPOT, the router's migrations and the 1-minute load average before each
+         server (other jobs share the 2 cores). --rounds N alternates off/on and on/off pairs
+         and also pools the rounds.
 
 Results: benchmarks/results/migration_<mode>.json. Compare within a run: the machine is shared.
 """
@@ -208,6 +214,7 @@ def pause(args) -> dict:
     from tideserve.protocol import AbortRequest, GenerateRequest, Params
 
     model = str(prepare_default_model(progress=True))
+    load = os.getloadavg()[0]
     ctx = zmq.Context()
     a = _worker(ctx, model, "src", 256 << 20)
     b = _worker(ctx, model, "dst", 256 << 20)
@@ -219,7 +226,8 @@ def pause(args) -> dict:
         for n in lengths:
             rid = f"len{n}"
             prompt = [(7 * i) % 30000 + 100 for i in range(n)]
-            params = Params(max_tokens=4 * args.reps * 20 + 64, temperature=0.0, ignore_eos=True)
+            budget = 8 + 2 * (args.reps + 1) * 40  # ample: a move and its 8 tokens take ~12
+            params = Params(max_tokens=budget, temperature=0.0, ignore_eos=True)
             t0 = time.perf_counter()
             a.link.put(GenerateRequest(rid, prompt, params, 0))
             _wait(lambda r=rid: len(_token_times(a, r)) >= 8, "the prefill")
@@ -263,6 +271,7 @@ def pause(args) -> dict:
         "lengths_skipped": skipped,
         "reps": args.reps,
         "machine": _machine(),
+        "loadavg_1m_before": round(load, 2),
         "points": points,
         "runs": rows,
     }
@@ -412,8 +421,12 @@ def drain(args) -> dict:
     shapes = _drain_requests(args.requests)
     runs = []
     for migrate in (False, True):
+        load = os.getloadavg()[0]
         with _serve() as srv:
-            r = asyncio.run(_drain_run(srv.url, migrate, shapes))
+            r = {
+                "loadavg_1m_before": round(load, 2),
+                **asyncio.run(_drain_run(srv.url, migrate, shapes)),
+            }
         print(json.dumps({k: v for k, v in r.items() if k != "migrations"}), flush=True)
         runs.append(r)
     wait, move = runs
@@ -445,7 +458,145 @@ def _drain_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-# -- main --------------------------------------------------------------------------------------
+async def _balance_run(url: str, args) -> dict:
+    import aiohttp
+
+    from tideserve.bench.client import stream_request
+
+    rng = random.Random(0)
+    completions = url + "/v1/completions"
+    async with aiohttp.ClientSession() as session:
+
+        async def requests() -> list[dict]:
+            return (await _get_json(session, url + "/admin/requests"))["requests"]
+
+        async def all_streaming(n: int) -> bool:
+            reqs = await requests()
+            return len(reqs) == n and all(r["tokens_out"] >= 1 for r in reqs)
+
+        # 1. one long-context request: much KV on its worker, a batch of one
+        context = asyncio.create_task(
+            stream_request(session, completions, _body(_prompt(rng, args.context_tokens), 4000))
+        )
+        await _until(lambda: all_streaming(1), timeout_s=600)
+        # 2. the burst: short prompts, long outputs; routed where KV is free, the other worker
+        burst_bodies = [
+            _body(_prompt(rng, 16), args.burst_tokens, "batch") for _ in range(args.burst)
+        ]
+        burst = [asyncio.create_task(stream_request(session, completions, b)) for b in burst_bodies]
+        await _until(lambda: all_streaming(1 + args.burst))
+        placed = collections.Counter(r["worker"] for r in await requests())
+        # 3. interactive requests, Poisson arrivals
+        arrivals, t = [], rng.expovariate(args.rate)
+        while t < args.duration:
+            arrivals.append(t)
+            t += rng.expovariate(args.rate)
+        bodies = [_body(_prompt(rng, 64), 32) for _ in arrivals]
+        t0 = time.perf_counter()
+
+        async def one(at: float, body: bytes):
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            sent = time.perf_counter()
+            return sent, await stream_request(session, completions, body)
+
+        inter = await asyncio.gather(*[one(at, b) for at, b in zip(arrivals, bodies)])
+        bursts = await asyncio.gather(*burst)
+        context.cancel()
+        await asyncio.gather(context, return_exceptions=True)
+        cluster = await _get_json(session, url + "/cluster")
+
+    def tpot(r) -> float | None:
+        n = r.num_output_tokens
+        return (r.end_s - r.token_times_s[0]) / (n - 1) if r.error is None and n > 1 else None
+
+    ok = [(sent, r) for sent, r in inter if r.error is None and r.num_output_tokens == 32]
+    ttft = [(r.token_times_s[0] - sent) * _ms for sent, r in ok]
+    tpots = [tpot(r) * _ms for _, r in ok]
+    burst_tpot = [tpot(r) * _ms for r in bursts if tpot(r) is not None]
+
+    return {
+        "placed": dict(placed),
+        "interactive_sent": len(inter),
+        "interactive_completed": len(ok),
+        "ttft_ms": _pcts(ttft),
+        "tpot_ms": _pcts(tpots),
+        "burst_completed": sum(r.error is None for r in bursts),
+        "burst_tpot_ms": _pcts(burst_tpot),
+        "burst_makespan_s": round(max(r.end_s for r in bursts) - t0, 1),
+        "migrations": cluster["migrations"],
+        "ttft_ms_all": [round(x, 1) for x in ttft],
+        "tpot_ms_all": [round(x, 1) for x in tpots],
+        "burst_tpot_ms_all": [round(x, 1) for x in burst_tpot],
+    }
+
+
+def _pcts(xs: list[float]) -> dict:
+    from tideserve.bench.client import percentile
+
+    return {f"p{q}": round(percentile(xs, q), 1) for q in (50, 90, 99)}
+
+
+def balance(args) -> dict:
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for i in range(args.rounds):  # off, on; then on, off; ...: a drift in the load cancels
+        for flag in ("off", "on") if i % 2 == 0 else ("on", "off"):
+            load = os.getloadavg()[0]
+            with _serve("--migration", flag) as srv:
+                r = asyncio.run(_balance_run(srv.url, args))
+            r = {"round": i, "loadavg_1m_before": round(load, 2), **r}
+            runs[flag].append(r)
+            print(flag, json.dumps({k: v for k, v in r.items() if not k.endswith("_all")}),
+                  flush=True)  # fmt: skip
+    pooled = {
+        flag: {
+            "ttft_ms": _pcts([x for r in rs for x in r["ttft_ms_all"]]),
+            "tpot_ms": _pcts([x for r in rs for x in r["tpot_ms_all"]]),
+            "burst_tpot_ms": _pcts([x for r in rs for x in r["burst_tpot_ms_all"]]),
+        }
+        for flag, rs in runs.items()
+    }
+    return {
+        "context_tokens": args.context_tokens,
+        "burst": args.burst,
+        "burst_tokens": args.burst_tokens,
+        "rate_per_s": args.rate,
+        "duration_s": args.duration,
+        "interactive": {"prompt_tokens": 64, "output_tokens": 32},
+        "rounds": args.rounds,
+        "machine": _machine(),
+        "pooled": pooled,
+        "migration_off": runs["off"],
+        "migration_on": runs["on"],
+    }
+
+
+def _balance_table(res: dict) -> str:
+    lines = [f"{'migration':>9} {'round':>5} {'TTFT p50/p90/p99 ms':>21} "
+             f"{'TPOT p50/p90/p99 ms':>21} {'done':>7} {'burst TPOT p50':>14} "
+             f"{'migrations':>10} {'load':>5}"]  # fmt: skip
+
+    def row(name, rnd, t, p, done, b, moved, load) -> str:
+        return (
+            f"{name:>9} {rnd:>5} {t['p50']:>7.0f}/{t['p90']:.0f}/{t['p99']:<7.0f} "
+            f"{p['p50']:>7.1f}/{p['p90']:.1f}/{p['p99']:<7.1f} {done:>7} {b['p50']:>14.1f} "
+            f"{moved:>10} {load:>5}"
+        )
+
+    for name in ("off", "on"):
+        for r in res[f"migration_{name}"]:
+            done = f"{r['interactive_completed']}/{r['interactive_sent']}"
+            lines.append(row(name, r["round"], r["ttft_ms"], r["tpot_ms"], done,
+                             r["burst_tpot_ms"], r["migrations"]["done"],
+                             r["loadavg_1m_before"]))  # fmt: skip
+    if res["rounds"] > 1:
+        for name in ("off", "on"):
+            pl = res["pooled"][name]
+            lines.append(row(name, "all", pl["ttft_ms"], pl["tpot_ms"], "", pl["burst_tpot_ms"],
+                             "", ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+TABLES = {"pause": _pause_table, "drain": _drain_table, "balance": _balance_table}
 
 
 def main() -> None:
@@ -453,6 +604,12 @@ def main() -> None:
     ap.add_argument("mode", choices=["pause", "drain", "balance"])
     ap.add_argument("--reps", type=int, default=5, help="pause: live migrations per point")
     ap.add_argument("--requests", type=int, default=8, help="drain: long-output requests")
+    ap.add_argument("--context-tokens", type=int, default=2048, help="balance: its prompt")
+    ap.add_argument("--burst", type=int, default=8, help="balance: long-output requests")
+    ap.add_argument("--burst-tokens", type=int, default=512, help="balance: their outputs")
+    ap.add_argument("--rate", type=float, default=2.0, help="balance: interactive req/s")
+    ap.add_argument("--duration", type=float, default=30.0, help="balance: seconds of them")
+    ap.add_argument("--rounds", type=int, default=1, help="balance: off/on pairs (alternating)")
     ap.add_argument(
         "--lengths",
         type=lambda s: [int(x) for x in s.split(",")],
@@ -460,10 +617,10 @@ def main() -> None:
         help="pause: prompt lengths (tokens of KV)",
     )
     args = ap.parse_args()
-    result = {"pause": pause, "drain": drain}[args.mode](args)
+    result = {"pause": pause, "drain": drain, "balance": balance}[args.mode](args)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"migration_{args.mode}.json").write_text(json.dumps(result, indent=2))
-    print({"pause": _pause_table, "drain": _drain_table}[args.mode](result))
+    print(TABLES[args.mode](result))
 
 
 if __name__ == "__main__":

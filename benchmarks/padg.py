@@ -39,8 +39,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-MAX_INPUT_TOKENS = 512
-MAX_OUTPUT_TOKENS = 64
 
 MODES = {  # mode -> serve flags for its two workers
     "colocated": ["--mode", "colocated", "--decode", "2"],
@@ -157,7 +155,8 @@ def bench(url: str, dest: Path, args, goodput: bool) -> dict:
     cmd = [
         sys.executable, "-m", "tideserve.cli", "bench", "--endpoint", url, "--trace", "azure-conv",
         "--time-scale", str(args.time_scale), "--max-requests", str(args.requests),
-        "--max-input-tokens", str(MAX_INPUT_TOKENS), "--max-output-tokens", str(MAX_OUTPUT_TOKENS),
+        "--max-input-tokens", str(args.max_input_tokens),
+        "--max-output-tokens", str(args.max_output_tokens),
         "--slo-ttft-ms", str(args.slo_ttft * 1000), "--slo-tpot-ms", str(args.slo_tpot * 1000),
         "--model", "m", "--out", str(dest), "--quiet", "--no-plots",
     ]  # fmt: skip
@@ -258,8 +257,10 @@ def table(results: dict, args) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=60, help="requests per replay")
-    ap.add_argument("--time-scale", type=float, default=2.5, help="stretch the trace's arrivals")
+    ap.add_argument("--requests", type=int, default=50, help="requests per replay")
+    ap.add_argument("--time-scale", type=float, default=3.0, help="stretch the trace's arrivals")
+    ap.add_argument("--max-input-tokens", type=int, default=256, help="clip prompts")
+    ap.add_argument("--max-output-tokens", type=int, default=64, help="clip outputs")
     ap.add_argument("--probes", type=int, default=5, help="goodput search runs per mode")
     ap.add_argument("--slo-ttft", type=float, default=2.5, help="TTFT target, s")
     ap.add_argument("--slo-tpot", type=float, default=0.15, help="TPOT target, s")
@@ -277,8 +278,8 @@ def main() -> None:
             "trace": "azure-conv",
             "requests": args.requests,
             "time_scale": args.time_scale,
-            "max_input_tokens": MAX_INPUT_TOKENS,
-            "max_output_tokens": MAX_OUTPUT_TOKENS,
+            "max_input_tokens": args.max_input_tokens,
+            "max_output_tokens": args.max_output_tokens,
             "goodput_probes": args.probes,
         },
         "wall_s": round(time.monotonic() - t0, 1),

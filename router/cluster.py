@@ -422,7 +422,7 @@ class Cluster:
         src = self.workers.get(s.target or "")
         if src is None or src.hello.role not in DECODE_ROLES:
             raise ValueError(f"request {request_id} is not decoding on a worker")
-        if not s.kv_landed or (s.prefill is not None and not s.got_first):
+        if not s.kv_landed or not s.got_token or (s.prefill is not None and not s.got_first):
             raise ValueError(f"request {request_id} has not started decoding yet")
         if s.migrating_to is not None:
             raise ValueError(f"request {request_id} is already moving to {s.migrating_to}")
@@ -460,7 +460,9 @@ class Cluster:
             )  # fmt: skip
         for s in self.streams.values():
             w = self.workers.get(s.target or "")
-            if w is None or not s.kv_landed or (s.prefill is not None and not s.got_first):
+            if w is None or not (s.kv_landed and s.got_token):  # colocated: still prefilling
+                continue
+            if s.prefill is not None and not s.got_first:
                 continue
             n = len(s.prompt_token_ids) + s.num_tokens_out
             reqs.append(

@@ -63,3 +63,14 @@ def test_one_migration_per_source_and_destination_and_it_must_fit():
 def test_roles_do_not_mix():
     workers = [load("d", 10, 5), load("c", 200, 1, role="colocated")]
     assert plan(workers, [req("r", "d", 3)]) == []
+
+
+def test_a_move_that_would_only_swap_the_imbalance_is_not_made():
+    # 5 vs 4 requests on big pools: one move makes it 4 vs 5, and the next plan moves it back
+    workers = [load("a", 2800, 5), load("b", 2600, 4)]
+    assert plan(workers, [req("r", "a", 25)]) == []
+    # the only request of a worker, to an empty one: it would just move the imbalance
+    assert plan([load("a", 2720, 1), load("b", 2912, 0)], [req("r", "a", 192)]) == []
+    # draining still empties it
+    workers = [load("a", 2720, 1, ready=False, evacuate=True), load("b", 2912, 0)]
+    assert len(plan(workers, [req("r", "a", 192)], balance=False)) == 1

@@ -115,10 +115,14 @@ async def test_migration_keeps_the_stream_whole_even_when_the_destination_is_ear
             src = await _until(lambda: next((w for w in (a, b) if w.got(GenerateRequest)), None))
             dst = b if src is a else a
             wire = src.got(GenerateRequest)[0].request_id
+            rid = next(iter(r.cluster.streams))
+            early = await client.post(
+                "/admin/migrate", json={"request_id": rid, "to_worker": dst.wid}
+            )
+            assert early.status == 409  # no token yet: still prefilling, nothing to move
             for t in ids[:3]:
                 await src.send(TokenChunk(wire, src.wid, [t]))
             resp = await resp_task
-            rid = next(iter(r.cluster.streams))
             await _until(lambda: r.cluster.streams[rid].num_tokens_out == 3)
 
             bad = await client.post("/admin/migrate", json={"request_id": rid, "to_worker": "z"})

@@ -8,8 +8,11 @@ infinitely used (freeness -inf), so migration empties it whatever the others loo
 `plan` pairs the least free worker with the freest, when the gap exceeds `min_gap` blocks per
 request (or the source is evacuated), and picks the request to move by a documented rule: the
 one with the fewest KV blocks (the cheapest to copy: the shortest pause, and the least data
-on the wire), lowest priority class first (batch before interactive). At most one migration
-per source and per destination at a time, and a request moves at most once per `plan` call.
+on the wire), lowest priority class first (batch before interactive). A balancing move is made
+only when it does not leave the destination less free than the source by more than `min_gap`
+(it would swap the imbalance, and the next call would move the request back: ping-pong). At most
+one migration per source and per destination at a time, and a request moves at most once per
+`plan` call.
 The router calls it every second when migration is on; the simulator can call it too.
 """
 
@@ -55,6 +58,11 @@ def freeness(w: DecodeLoad) -> float:
     return (w.free_blocks - w.queued_blocks) / max(1, w.running)
 
 
+def _moved(w: DecodeLoad, r: RunningRequest, sign: int) -> float:
+    """`w`'s freeness once `r` has left it (sign -1) or arrived (+1)."""
+    return (w.free_blocks - sign * r.blocks - w.queued_blocks) / max(1, w.running + sign)
+
+
 def plan(
     workers: list[DecodeLoad],
     requests: list[RunningRequest],
@@ -88,6 +96,8 @@ def plan(
             r = min(mine, key=lambda r: (-r.priority, r.blocks, r.request_id))
             if r.blocks > dst.free_blocks - dst.queued_blocks:
                 continue  # it would not fit there
+            if not src.evacuate and _moved(src, r, -1) - _moved(dst, r, +1) > min_gap:
+                continue  # it would only swap the imbalance: the next plan would move it back
             why = (
                 f"{src.worker_id} is draining"
                 if src.evacuate
