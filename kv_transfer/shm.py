@@ -82,6 +82,7 @@ class ShmSegments:
         self.pool_bytes = pool_bytes
         self._busy: dict[str, Segment] = {}  # request id -> its segment
         self._idle: list[Segment] = []  # oldest first
+        remove_orphans(prefix)
 
     def open(self, msg: KVBegin) -> None:
         nbytes = transfer_nbytes(msg)
@@ -125,6 +126,40 @@ class ShmSegments:
             seg.destroy()
         self._busy.clear()
         self._idle.clear()
+
+
+def remove_orphans(prefix: str = SHM_PREFIX, shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlinks segments left by senders that died (SIGKILL skips `close`): their names carry
+    the pid of a process that no longer exists. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("_", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+        except OSError:
+            pass
+    if removed:
+        log.info("removed %d shared-memory segments of dead senders", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _round_up(nbytes: int) -> int:

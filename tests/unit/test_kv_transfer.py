@@ -436,3 +436,20 @@ def test_two_engines_hand_over_a_request_through_tcp(tiny_model_dir, ctx, prefix
     p.assert_no_leak()
     p.sender.close()
     p.receiver.close()
+
+
+def test_segments_of_dead_senders_are_removed_at_start(tmp_path):
+    """SIGKILL skips close(): the next sender on the host unlinks what the dead one left."""
+    import subprocess
+    import sys
+
+    from kv_transfer.shm import remove_orphans
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    for name in (f"tsorph_{dead}_0_abc", f"tsorph_{os.getpid()}_0_abc", "tsorph_x_0", "other"):
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_orphans("tsorph_", str(tmp_path)) == [f"tsorph_{dead}_0_abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "other", f"tsorph_{os.getpid()}_0_abc", "tsorph_x_0"
+    ]  # fmt: skip
