@@ -37,6 +37,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -141,6 +143,72 @@ class ClusterWatch:
         return out
 
 
+class ForeignLoad:
+    """CPU that processes outside this benchmark's process tree used (other jobs on a shared
+    machine), and the hypervisor's steal, in cores, from `start()` to `stop()`. Sampled once a
+    second in a thread; a run with much of either is suspect."""
+
+    def __init__(self) -> None:
+        self.base: dict[int, float] = {}  # pid -> its CPU seconds when first seen
+        self.last: dict[int, float] = {}  # pid -> its CPU seconds when last seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ForeignLoad:
+        self.t0, self.cpu0 = time.monotonic(), psutil.cpu_times()
+        self.since = time.time()
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.wall_s, self.cpu1 = time.monotonic() - self.t0, psutil.cpu_times()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._sample()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                born = p.create_time()
+            except psutil.Error:
+                continue
+            used = t.user + t.system
+            self.base.setdefault(p.pid, 0.0 if born >= self.since else used)
+            self.last[p.pid] = used
+
+    def cores(self) -> dict[str, float]:
+        d = {k: getattr(self.cpu1, k) - getattr(self.cpu0, k) for k in self.cpu0._fields}
+        busy = sum(d.values()) - d.get("idle", 0.0) - d.get("iowait", 0.0) - d.get("steal", 0.0)
+        mine = sum(self.last[p] - self.base[p] for p in self.last)
+        return {
+            "foreign_cores": round(max(0.0, busy - mine) / self.wall_s, 3),
+            "steal_cores": round(d.get("steal", 0.0) / self.wall_s, 3),
+            "benchmark_cores": round(mine / self.wall_s, 3),
+        }
+
+
+def wait_quiet(max_cores: float = 0.2, window_s: float = 5.0, timeout_s: float = 600.0) -> float:
+    """Waits until other jobs use under `max_cores` over `window_s` (at most `timeout_s`);
+    returns the seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        with ForeignLoad() as load:
+            time.sleep(window_s)
+        foreign = load.cores()["foreign_cores"]
+        waited = time.monotonic() - t0
+        if foreign < max_cores or waited > timeout_s:
+            if waited > window_s + 1:
+                print(f"waited {waited:.0f} s for a quiet machine: {foreign:.2f} cores", flush=True)
+            return waited
+
+
 def _share(xs: list[bool]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -200,11 +268,13 @@ def run_mode(mode: str, args) -> dict:
         before = cluster_events(srv.url)
         for kind in ("fixed",) if args.fixed_only else ("fixed", "goodput"):
             dest = RESULTS / "padg" / mode / kind
-            t0 = time.monotonic()
-            with ClusterWatch(srv.url) as watch:
+            waited = wait_quiet()
+            with ClusterWatch(srv.url) as watch, ForeignLoad() as load:
                 s = bench(srv.url, dest, args, goodput=kind == "goodput")
             row = {
-                "wall_s": round(time.monotonic() - t0, 1),
+                "wall_s": round(load.wall_s, 1),
+                "waited_for_quiet_s": round(waited, 1),
+                **load.cores(),
                 "offered_rps": s["offered_rps"],
                 "slo_attainment": s["slo_attainment"],
                 "ttft_ms_p50": _p(s, "ttft_ms", "p50"),
