@@ -149,6 +149,7 @@ class Autoscaler:
                 kv_blocks_used=w["kv_blocks_used"],
                 kv_blocks_total=w["kv_blocks_total"],
                 max_num_seqs=w.get("max_num_seqs", 0),
+                gpu_util_pct=(w.get("gpu") or {}).get("utilization_pct"),
             )
             for w in stats["workers"]
         )

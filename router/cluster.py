@@ -122,6 +122,7 @@ class Worker:
             "kv_blocks_used": s.kv_blocks_used if s else 0,
             "kv_blocks_total": h.num_kv_blocks,
             "max_num_seqs": s.max_num_seqs if s else 0,
+            "gpu": _gpu_json(s.gpu) if s is not None and s.gpu is not None else None,
             "requests": requests,  # the router's requests that still need it
             "started_at": h.started_at,
             "engine_loaded_at": h.engine_loaded_at,
@@ -129,6 +130,20 @@ class Worker:
             "registered_at": self.registered_at,
             "first_token_at": self.first_token_at,
         }
+
+
+def _gpu_json(g) -> dict:
+    """A worker's GpuStats; power and temperature only where NVML reports them."""
+    out = {
+        "utilization_pct": g.utilization_pct,
+        "memory_used_bytes": g.memory_used_bytes,
+        "memory_total_bytes": g.memory_total_bytes,
+    }
+    if g.power_w >= 0:
+        out["power_w"] = g.power_w
+    if g.temperature_c >= 0:
+        out["temperature_c"] = g.temperature_c
+    return out
 
 
 @dataclass
@@ -366,7 +381,8 @@ class Cluster:
 
     def _transport(self, src: Hello, dst: Hello) -> str:
         offered = [t for t in dst.kv_transports if t in self.kv_transports] or ["tcp"]
-        return choose_kv_transport(src.host, dst.host, offered)
+        src_offered = [t for t in src.kv_transports if t in self.kv_transports]
+        return choose_kv_transport(src.host, dst.host, offered, src_offered, src.device, dst.device)
 
     def abort(self, request_id: str) -> None:
         """Stops a request on every worker that may hold it; idempotent."""

@@ -24,7 +24,7 @@ class RouterConfig:
     ttft_slo_s: float = 2.0  # partial mode: the TTFT a request's placement must meet
     macro_n_max: int = 4  # partial mode: a macro instance larger than this splits
     macro_n_min: int = 2  # partial mode: two macro instances smaller than this merge
-    kv_transports: tuple[str, ...] = ("shm", "tcp")  # allowed, best first
+    kv_transports: tuple[str, ...] = ("nccl", "shm", "tcp")  # allowed, best first
     api_key: str = field(default="", repr=False)  # "" = open; else /v1/*, /admin/* need Bearer
     protect_metrics: bool = False  # /metrics also needs the API key
     curve_keys: str = ""  # CURVE key directory for the worker socket; "" = plaintext

@@ -9,6 +9,13 @@ from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5)
+_GPU_GAUGES = (  # (GpuStats field, metric name suffix, help)
+    ("utilization_pct", "utilization_percent", "GPU busy share of the last NVML sample period"),
+    ("memory_used_bytes", "memory_used_bytes", "GPU memory in use (all processes)"),
+    ("memory_total_bytes", "memory_total_bytes", "GPU memory"),
+    ("power_w", "power_watts", "GPU power draw"),
+    ("temperature_c", "temperature_celsius", "GPU temperature"),
+)
 
 
 class _EventCounts:
@@ -87,6 +94,11 @@ class RouterMetrics:
         self.worker_kv_total = Gauge(
             "tideserve_worker_kv_blocks_total", "KV blocks", ["worker", "role"], registry=r
         )
+        # from each worker's heartbeat (NVML); absent for workers without a GPU or NVML
+        self.gpu = {
+            field: Gauge(f"tideserve_worker_gpu_{name}", doc, ["worker", "role"], registry=r)
+            for field, name, doc in _GPU_GAUGES
+        }
 
     def render(self, workers) -> bytes:
         for g in (
@@ -94,6 +106,7 @@ class RouterMetrics:
             self.worker_running,
             self.worker_kv_used,
             self.worker_kv_total,
+            *self.gpu.values(),
         ):
             g.clear()
         for w in workers:
@@ -104,4 +117,9 @@ class RouterMetrics:
                 self.worker_queue.labels(*labels).set(s.queued_prefill_tokens)
                 self.worker_running.labels(*labels).set(s.num_running)
                 self.worker_kv_used.labels(*labels).set(s.kv_blocks_used)
+            if s is not None and s.gpu is not None:
+                for field, gauge in self.gpu.items():
+                    value = getattr(s.gpu, field)
+                    if value >= 0:  # -1: NVML does not report it on this GPU
+                        gauge.labels(*labels).set(value)
         return generate_latest(self.registry)

@@ -25,6 +25,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"])
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes")
+    p.add_argument(
+        "--gpu-memory-fraction",
+        "--gpu-memory-utilization",
+        dest="gpu_memory_utilization",
+        type=float,
+        default=0.9,
+        help="CUDA: share of the GPU's memory for weights + KV cache (the KV pool gets the rest)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: capture decode steps as CUDA graphs (--no-cuda-graphs: run eagerly)",
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)

@@ -17,6 +17,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_bytes: int | None = None  # KV budget; None = 1 GiB on CPU, a fraction of GPU memory
     gpu_memory_utilization: float = 0.9  # share of GPU memory for weights + KV cache
+    cuda_graphs: bool = True  # CUDA: replay captured graphs for decode steps (False: eager)
     max_model_len: int | None = None  # context length; None = the model's
     max_num_seqs: int = 64  # sequences per step at most
     max_num_batched_tokens: int = 1024  # tokens per step at most (prefill chunks + decodes)

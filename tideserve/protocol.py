@@ -13,6 +13,10 @@ Who sends what:
                          SetLimits, SwitchRole, MigrateRequest, CancelMigration
     prefill -> decode    KVBegin, KVLayer (+ tensor frame, or a shm notice), KVDone, KVAbort
     decode -> prefill    KVAck
+    gloo/nccl pairs      KVPairOffer (sender -> receiver), KVDistLayer (a notice; the bytes go
+                         through torch.distributed), KVPairClose (either way)
+    pipeline head/stage  StageHello (stage -> head), StageStep, StageRelease, StageClose (head ->
+                         stage), StageResult (last stage -> head); hidden states go as KV transfers
 Structs are positional (array_like, so one union decodes them all); new fields are only ever
 appended, with defaults.
 """
@@ -98,6 +102,16 @@ class Rejoin(msgspec.Struct, tag="rejoin", array_like=True, frozen=True):
     reason: str = ""
 
 
+class GpuStats(msgspec.Struct, array_like=True, frozen=True):
+    """One GPU's state from NVML (tideserve.gpu_metrics), as a worker reports it."""
+
+    utilization_pct: float  # share of the last sample period a kernel ran, 0-100
+    memory_used_bytes: int
+    memory_total_bytes: int
+    power_w: float = -1.0  # -1: NVML does not report it for this GPU
+    temperature_c: float = -1.0
+
+
 class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True, frozen=True):
     worker_id: str
     state: WorkerState
@@ -112,6 +126,7 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True, frozen=True):
     min_slack_s: float = -1.0  # partial mode: the smallest slack of its running requests
     prefill_s_per_token: float = 0.0  # partial mode: measured prefill speed
     decode_step_s: float = 0.0  # partial mode: measured decode step
+    gpu: GpuStats | None = None  # None: no GPU, or no NVML on the worker
 
 
 class SetLimits(msgspec.Struct, tag="set_limits", array_like=True, frozen=True):
@@ -144,7 +159,7 @@ class PrefillRequest(msgspec.Struct, tag="prefill", array_like=True, frozen=True
     priority: int
     decode_worker_id: str
     decode_kv_address: str
-    kv_transport: str  # "tcp" or "shm"
+    kv_transport: str  # "tcp", "shm", "gloo" or "nccl"
 
 
 class GenerateRequest(msgspec.Struct, tag="generate", array_like=True, frozen=True):
@@ -267,6 +282,87 @@ class KVAck(msgspec.Struct, tag="kv_ack", array_like=True, frozen=True):
     reason: str = ""
 
 
+class KVPairOffer(msgspec.Struct, tag="kv_pair_offer", array_like=True, frozen=True):
+    """Sender -> receiver, before its first transfer there over gloo/nccl: join a 2-rank
+    process group (the sender is rank 0) whose TCPStore listens at store_host:store_port."""
+
+    pair_id: str
+    backend: str  # "gloo" or "nccl"
+    store_host: str
+    store_port: int
+    reply_address: str  # the sender's KV reply socket (KVPairClose goes there)
+
+
+class KVPairClose(msgspec.Struct, tag="kv_pair_close", array_like=True, frozen=True):
+    """Either end of a gloo/nccl pair -> the other: the pair is gone (closing, or it failed)."""
+
+    pair_id: str
+    reason: str = ""
+
+
+class KVDistLayer(msgspec.Struct, tag="kv_dist_layer", array_like=True, frozen=True):
+    """One layer's KV travelling over the pair's process group: post a recv with `tag`."""
+
+    request_id: str
+    layer: int
+    tensor: TensorMeta
+    pair_id: str
+    tag: int
+
+
+# -- layer-sharded pipelines (tideserve/roles/stage.py) --------------------------------------
+
+
+class StageHello(msgspec.Struct, tag="stage_hello", array_like=True, frozen=True):
+    """A stage worker -> the pipeline's head, once it has loaded its layers."""
+
+    protocol_version: int
+    worker_id: str
+    start: int  # its layer range [start, end)
+    end: int
+    num_kv_blocks: int  # its budget for its layers: the head's pool takes the smallest
+    kv_address: str  # where its receiver takes the hidden states
+    control_address: str  # where it takes StageStep, StageRelease, StageClose
+
+
+class StageItem(msgspec.Struct, array_like=True, frozen=True):
+    """One scheduled sequence of a micro-batch (the engine's `ScheduledSeq`, as data)."""
+
+    request_id: str
+    start: int  # first position computed
+    num_tokens: int
+    sample: bool
+    block_table: list[int]  # the head's pool: every stage's cache uses the same blocks
+    params: Params
+
+
+class StageStep(msgspec.Struct, tag="stage_step", array_like=True, frozen=True):
+    """Head -> stage: run this micro-batch from the hidden states that travel as the one-layer
+    kv_transfer `transfer_id`, in decode-then-prefill order as the items are listed."""
+
+    transfer_id: str
+    items: list[StageItem]
+
+
+class StageResult(msgspec.Struct, tag="stage_result", array_like=True, frozen=True):
+    """Last stage -> head: the tokens sampled for a micro-batch's sampling items, in order."""
+
+    transfer_id: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None] = []
+    error: str = ""  # the stage could not run it (the head fails the step)
+
+
+class StageRelease(msgspec.Struct, tag="stage_release", array_like=True, frozen=True):
+    """Head -> stage: these requests are gone; drop their sampler state."""
+
+    request_ids: list[str]
+
+
+class StageClose(msgspec.Struct, tag="stage_close", array_like=True, frozen=True):
+    reason: str = ""
+
+
 Message = (
     Hello
     | Welcome
@@ -289,6 +385,14 @@ Message = (
     | KVDone
     | KVAbort
     | KVAck
+    | KVPairOffer
+    | KVPairClose
+    | KVDistLayer
+    | StageHello
+    | StageStep
+    | StageResult
+    | StageRelease
+    | StageClose
 )
 
 _encoder = msgspec.msgpack.Encoder()

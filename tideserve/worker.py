@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
+from tideserve import gpu_metrics
 from tideserve.config import EngineConfig
 from tideserve.protocol import (
     PROTOCOL_VERSION,
@@ -315,4 +316,5 @@ def engine_stats(cfg: WorkerConfig, engine, state: str, num_inflight_kv: int = 0
         kv_blocks_total=engine.num_total_blocks,
         num_inflight_kv=num_inflight_kv,
         max_num_seqs=sched.config.max_num_seqs,
+        gpu=gpu_metrics.sample(str(engine.runner.device)),
     )

@@ -28,6 +28,7 @@ OPTIONS = {
     "coordinated": {"decode_tps_per_worker": 120.0, "pd_ratio": 0.5},
     "slo": {"batch_interval_s": 10.0},
     "mitosis": {},
+    "modules": {},
 }
 SCALING = ("utilization", "coordinated", "slo")
 SHRINK_AFTER_S = {"utilization": 30.0, "coordinated": 60.0, "slo": 60.0}  # their default windows
@@ -352,7 +353,8 @@ def test_static_never_acts():
     assert c.actions == []
 
 
-@pytest.mark.parametrize("name", [p for p in POLICIES if p != "mitosis"])  # mitosis: below
+# mitosis: below; modules: tests/unit/test_modules_policy.py
+@pytest.mark.parametrize("name", [p for p in POLICIES if p not in ("mitosis", "modules")])
 def test_decide_is_deterministic(name):
     phases = [(LOW, 5), (HIGH, 10), *[(HIGH, 1), (LOW, 1)] * 10, (Load(batch=300), 20), (LOW, 30)]
     first = Cluster(name, prefill=1, decode=1).run(*phases).actions

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from tideserve.policy.padg import (
+    MIN_CHUNK,
     Decoding,
     Instance,
     join,
@@ -48,7 +49,7 @@ def test_phase_rule_keeps_every_request_within_its_tpot_slo(seed):
             waiting.append([rng.randint(16, 400), rng.randint(5, 60)])  # [prompt left, out]
         decoding = [Decoding(t0, n) for t0, n, _ in running]
         budget = prefill_token_budget(now, decoding, TPOT_SLO, per_token, decode_s, max_tokens)
-        if waiting and (budget >= min(16, waiting[0][0]) or not running):
+        if waiting and (budget >= min(MIN_CHUNK, waiting[0][0]) or not running):
             budget = budget or max_tokens
             used = 0
             while waiting and used < budget:

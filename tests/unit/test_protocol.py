@@ -59,6 +59,12 @@ MESSAGES = [
     p.KVDone("r1", [9]),
     p.KVAbort("r1", "why"),
     p.KVAck("r1", False, "full"),
+    p.KVPairOffer("kvp-1", "nccl", "10.0.0.2", 29500, "tcp://10.0.0.2:7"),
+    p.KVPairClose("kvp-1", "the sender is closing"),
+    p.KVDistLayer("r1", 4, META, "kvp-1", 12),
+    p.Heartbeat(
+        "w1", "ready", 1, 2, 300, 4, 100, gpu=p.GpuStats(37.0, 10 << 30, 80 << 30, 250.5, 61.0)
+    ),
 ]
 
 
@@ -66,6 +72,12 @@ MESSAGES = [
 def test_every_message_round_trips(msg):
     got, raws = p.decode(p.encode(msg))
     assert got == msg and raws == []
+
+
+def test_a_heartbeat_without_gpu_fields_decodes_as_no_gpu():
+    old = msgspec.msgpack.encode(["heartbeat", "w1", "ready", 1, 2, 3, 4, 100])  # before GpuStats
+    got, _ = p.decode([old])
+    assert isinstance(got, p.Heartbeat) and got.gpu is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])

@@ -135,7 +135,13 @@ class LLMEngine:
             max_len,
         )
         eos = frozenset(mcfg.eos_token_ids) | _extra_eos(path)
-        return cls(config, mcfg, path, scheduler, ModelRunner(model, kv, device), eos)
+        runner = ModelRunner(model, kv, device)
+        if device.type == "cuda" and config.cuda_graphs:
+            from tideserve.engine.cuda_graphs import DecodeGraphs
+
+            runner.graphs = DecodeGraphs(model, kv, device, config.max_num_seqs, max_len)
+            runner.graphs.capture_all()
+        return cls(config, mcfg, path, scheduler, runner, eos)
 
     # -- requests ----------------------------------------------------------------------------
 

@@ -83,12 +83,15 @@ def load_model(
     return model.eval()
 
 
-def _read_state(path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def _read_state(
+    path: Path, dtype: torch.dtype, device: torch.device, names: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every weight of the checkpoint, or only `names` (a layer range reads only its own)."""
     state = {}
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES):
+                if name.endswith(_IGNORED_SUFFIXES) or (names is not None and name not in names):
                     continue
                 state[name] = f.get_tensor(name).to(dtype=dtype).to(device)
     return state

@@ -28,6 +28,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kernel = cpu_kernels.load() if device.type == "cpu" and use_cpu_kernels else None
         self._arange = np.arange(kv.block_size, dtype=np.int64)
+        self.graphs = None  # cuda_graphs.DecodeGraphs on CUDA (the engine sets it up)
 
     def run(
         self, step: SchedulerOutput, layer_hook=None
@@ -45,13 +46,25 @@ class ModelRunner:
     def forward_logits(self, step: SchedulerOutput, layer_hook=None) -> torch.Tensor:
         """[N, V] float32 logits of the scheduled items that sample, in batch order (decodes
         are put in context-length order first, for the decode groups)."""
+        if self.graphs is not None and layer_hook is None:
+            logits = self.graphs.run(step)  # None: not a decode-only step a graph fits
+            if logits is not None:
+                return logits
+        input_ids, positions, batch, logits_idx = self.prepare(step)
+        return self.model(input_ids, positions, self.kv.tensor, batch, logits_idx, layer_hook)
+
+    def prepare(self, step: SchedulerOutput, with_ids: bool = True):
+        """The step's device inputs: token ids [T] (None unless `with_ids`: a later pipeline
+        stage starts from hidden states), positions [T], attention metadata, and the rows that
+        sample [N]. Sorts the decodes by context length first (the decode groups need it)."""
         step.decodes.sort(key=lambda d: d.start)
         input_ids, positions, slot_mapping, logits_idx = [], [], [], []
         offset = 0
         for item in step.decodes + step.prefills:
             seq = item.seq
             end = item.start + item.num_tokens
-            input_ids.append(np.asarray(seq.token_slice(item.start, end), dtype=np.int64))
+            if with_ids:
+                input_ids.append(np.asarray(seq.token_slice(item.start, end), dtype=np.int64))
             positions.append(np.arange(item.start, end, dtype=np.int64))
             slot_mapping.append(self._slots(seq.block_table, item.start, end))
             offset += item.num_tokens
@@ -59,13 +72,11 @@ class ModelRunner:
                 logits_idx.append(offset - 1)
         batch = self._attention_batch(step, slot_mapping)
         to_dev = lambda arrs: torch.from_numpy(np.concatenate(arrs)).to(self.device)
-        return self.model(
-            to_dev(input_ids),
+        return (
+            to_dev(input_ids) if with_ids else None,
             to_dev(positions),
-            self.kv.tensor,
             batch,
             torch.tensor(logits_idx, dtype=torch.long, device=self.device),
-            layer_hook,
         )
 
     def _slots(self, block_table: list[int], start: int, end: int) -> np.ndarray:

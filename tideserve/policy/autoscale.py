@@ -22,6 +22,8 @@ Policies (docs/autoscaling.md has the options):
   coordinated  HeteroScale: decode tokens/s sets the decode count, prefill follows a P/D ratio
                (configured or measured), both in one action; a latency guard adds a worker when
                TTFT or TPOT p90 breaches the SLO before throughput shows it.
+  modules      CoCoServe + KunServe: replicates layers of a hot decode worker onto a spare one,
+               drops half the layers of two KV-starved replicas (tideserve/policy/modules.py).
   slo          Chiron: local backpressure moves each decode worker's batch cap (AIMD on TPOT);
                global backpressure adds a worker when interactive requests queue, removes one
                after sustained slack. Interactive demand drives it; batch work fills spare
@@ -49,6 +51,7 @@ class WorkerObs:
     kv_blocks_total: int
     max_num_seqs: int = 0  # its current batch cap (0 = unknown)
     tpot_p90_s: float | None = None  # its own interactive TPOT p90 (None: use the cluster's)
+    gpu_util_pct: float | None = None  # NVML GPU utilization, 0-100 (None: no GPU or no NVML)
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,9 @@ class UtilizationOptions:
     down_stabilization_s: float = 30.0  # shrink to the most wanted over this window
     up_cooldown_s: float = 15.0  # between two scale-ups of a pool
     down_cooldown_s: float = 30.0  # after any change of a pool, before it shrinks
+    # NOTE: off by default: a decode loop keeps NVML's utilization near 100% at batch 1, so
+    # it says "a kernel ran", not "no room left"; turn it on for compute-bound pools
+    use_gpu_utilization: bool = False  # busy = max(running / cap, GPU utilization)
 
     def __post_init__(self) -> None:
         _check(0 < self.target_busy <= 1, "target_busy must be in (0, 1]", self.target_busy)
@@ -241,10 +247,14 @@ class UtilizationOptions:
         _check_times(self, "down_stabilization_s", "up_cooldown_s", "down_cooldown_s")
 
 
-def busy_fraction(w: WorkerObs) -> float:
+def busy_fraction(w: WorkerObs, use_gpu_utilization: bool = False) -> float:
     if w.max_num_seqs > 0:
-        return min(1.0, w.num_running / w.max_num_seqs)
-    return 1.0 if w.num_running > 0 else 0.0
+        busy = min(1.0, w.num_running / w.max_num_seqs)
+    else:
+        busy = 1.0 if w.num_running > 0 else 0.0
+    if use_gpu_utilization and w.gpu_util_pct is not None:
+        busy = max(busy, min(1.0, w.gpu_util_pct / 100.0))
+    return busy
 
 
 class UtilizationPolicy:
@@ -262,7 +272,7 @@ class UtilizationPolicy:
         roles = ("colocated",) if is_colocated(obs, self.bounds) else ("prefill", "decode")
         for role in roles:
             cur, ws = count(obs, role), ready(obs, role)
-            usage = sum(busy_fraction(w) for w in ws)  # in workers; starting ones add none
+            usage = sum(busy_fraction(w, o.use_gpu_utilization) for w in ws)  # starting: none
             queue = sum(w.num_waiting for w in ws) / max(1, len(ws))
             desired = _ceil(usage / o.target_busy)
             if cur and abs(usage / (o.target_busy * cur) - 1) <= o.tolerance:
@@ -648,13 +658,21 @@ class MitosisPolicy:
         return [ScaleTo({"partial": new}, f"partial {cur}->{new}: {why}")]
 
 
-POLICIES: tuple[str, ...] = ("static", "utilization", "coordinated", "slo", "mitosis")
+POLICIES: tuple[str, ...] = ("static", "utilization", "coordinated", "slo", "mitosis", "modules")
 _OPTIONS = {
     "utilization": UtilizationOptions,
     "coordinated": CoordinatedOptions,
     "slo": SLOOptions,
     "mitosis": MitosisOptions,
 }
+
+
+def _options_class(name: str) -> type | None:
+    if name == "modules":  # NOTE: imported here: tideserve.policy.modules imports this module
+        from tideserve.policy.modules import ModulesOptions
+
+        return ModulesOptions
+    return _OPTIONS.get(name)
 
 
 def _check(ok: bool, message: str, value: object) -> None:
@@ -688,7 +706,7 @@ def make_policy(name: str, bounds: Bounds, slo: SLO, **options) -> Policy:
     check_bounds(bounds)
     if slo.ttft_s <= 0 or slo.tpot_s <= 0 or slo.batch_deadline_s <= 0:
         raise ValueError(f"SLO targets must be > 0, got {slo}")
-    cls = _OPTIONS.get(name)
+    cls = _options_class(name)
     known = {f.name for f in fields(cls)} if cls else set()
     unknown = sorted(set(options) - known)
     if unknown:
@@ -711,4 +729,8 @@ def make_policy(name: str, bounds: Bounds, slo: SLO, **options) -> Policy:
         return CoordinatedPolicy(bounds, slo, opts)
     if name == "mitosis":
         return MitosisPolicy(bounds, slo, opts)
+    if name == "modules":
+        from tideserve.policy.modules import ModulesPolicy
+
+        return ModulesPolicy(bounds, slo, opts)
     return SLOPolicy(bounds, slo, opts)

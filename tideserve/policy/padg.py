@@ -9,9 +9,10 @@ has banked against its TPOT SLO: `tpot_slo * tokens generated - time since its f
 (decoding faster than the SLO banks time; a pause spends it). A prefill phase may run only if
 its estimated duration is at most the smallest slack among the running requests minus one
 decode step (the step that follows it), so no running request's average TPOT exceeds the SLO.
-With nothing running, a prefill phase may always run. Phase lengths come from the engine's
-measured step times (`PhaseEstimator`: an EWMA of seconds per prompt token and per decode
-step).
+With nothing running, a prefill phase may always run. A phase of fewer than `MIN_CHUNK` prompt
+tokens (unless that is all that waits) is not worth its pause: the instance decodes until the
+slack allows one. Phase lengths come from the engine's measured step times (`PhaseEstimator`:
+an EWMA of seconds per prompt token and per decode step).
 
 **Macro instances and rolling activation.** Instances are grouped into macro instances. In
 each group one instance at a time is *prefill-active*. A new request goes to its group's
@@ -31,6 +32,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # -- the phase rule ---------------------------------------------------------------------------
+
+# NOTE: every step pays a fixed cost (the weights read once, launch overhead), and a short
+# prefill phase pays it for few tokens: on the 2-core CPU a 16-token phase costs ~3 ms a token,
+# a 128-token one ~1.5 ms (docs/padg.md). A higher floor costs no TPOT: under load the slack
+# rule gives prefill the same share of time, (tpot_slo - decode step) / tpot_slo, whatever the
+# chunk size; the instance only decodes a few more steps to bank the slack one chunk needs.
+MIN_CHUNK = 128  # prompt tokens: a shorter prefill phase (unless that is all) is not worth it
 
 
 @dataclass(frozen=True)

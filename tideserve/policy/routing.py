@@ -74,8 +74,23 @@ def route(
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-def choose_kv_transport(src_host: str, dst_host: str, dst_transports) -> str:
-    """ "shm" when both workers share a host and the receiver offers it, else "tcp"."""
+def choose_kv_transport(
+    src_host: str,
+    dst_host: str,
+    dst_transports,
+    src_transports=None,
+    src_device: str = "",
+    dst_device: str = "",
+) -> str:
+    """ "nccl" when both workers run on CUDA and both offer it (they offer it only with NCCL
+    available), else "gloo" when both offer it (only when configured: it is the nccl code on
+    CPU tensors), else "shm" when both share a host and the receiver offers it, else "tcp"."""
+    src_transports = src_transports or ()
+    both_cuda = src_device.startswith("cuda") and dst_device.startswith("cuda")
+    if both_cuda and "nccl" in dst_transports and "nccl" in src_transports:
+        return "nccl"
+    if "gloo" in dst_transports and "gloo" in src_transports:
+        return "gloo"
     same_host = src_host == dst_host or {src_host, dst_host} <= _LOOPBACK
     if same_host and "shm" in dst_transports:
         return "shm"

@@ -21,22 +21,28 @@ log = logging.getLogger(__name__)
 class KVEndpoints:
     """The worker's KV sockets, each made the first time a role needs it."""
 
-    def __init__(self, cfg: WorkerConfig, ctx, keys) -> None:
-        self.cfg, self.ctx, self.keys = cfg, ctx, keys
+    def __init__(self, cfg: WorkerConfig, ctx, keys, device: str = "cpu") -> None:
+        self.cfg, self.ctx, self.keys, self.device = cfg, ctx, keys, device
         self._senders = None
         self._receiver = None
-        self.transports = tuple(t for t in cfg.kv_transports if t in ("shm", "tcp")) or ("tcp",)
+        self.transports = offered_transports(cfg.kv_transports, device)
 
     def senders(self) -> dict:
         from kv_transfer import make_sender
 
         if self._senders is None:
             cfg = self.cfg
+            dist = [t for t in self.transports if t in ("nccl", "gloo")]
             self._senders = {
                 t: make_sender(
-                    t, self.ctx, bind_host=cfg.host, timeout_s=cfg.kv_timeout_s, curve=self.keys
-                )
-                for t in ("tcp", "shm")
+                    t,
+                    self.ctx,
+                    bind_host=cfg.host,
+                    timeout_s=cfg.kv_timeout_s,
+                    curve=self.keys,
+                    device=self.device,
+                )  # fmt: skip
+                for t in ("tcp", "shm", *dist)
             }
         return self._senders
 
@@ -52,6 +58,7 @@ class KVEndpoints:
                 port=cfg.kv_port,
                 timeout_s=cfg.kv_timeout_s,
                 curve=self.keys,
+                device=self.device,
             )
         return self._receiver
 
@@ -62,12 +69,29 @@ class KVEndpoints:
             self._receiver.close()
 
 
+def offered_transports(configured: tuple[str, ...], device: str) -> tuple[str, ...]:
+    """The KV transports this worker offers, best first: the configured ones it can run, with
+    nccl first on a CUDA worker where NCCL is available (the router picks nccl only when both
+    ends offer it). A worker's receiver takes tcp and shm whatever else it offers."""
+    offered = [t for t in configured if t in ("nccl", "gloo", "shm", "tcp")]
+    if device.startswith("cuda") and "nccl" not in offered:
+        offered.insert(0, "nccl")
+    if any(t in ("nccl", "gloo") for t in offered):
+        from kv_transfer import dist_available
+
+        offered = [t for t in offered if t not in ("nccl", "gloo") or dist_available(t)]
+        if "nccl" in offered and not device.startswith("cuda"):
+            offered.remove("nccl")
+    return tuple(offered) or ("tcp",)
+
+
 def build_role(cfg: WorkerConfig, engine, link: RouterLink, kv: KVEndpoints):
-    """(the role's worker object, its Hello)."""
+    """(the role's worker object, its Hello; a prefill worker's lists what it can send)."""
     if cfg.role == "prefill":
         from tideserve.roles.prefill import PrefillWorker
 
-        return PrefillWorker(cfg, engine, link, kv.senders()), make_hello(cfg, engine, "", ())
+        hello = make_hello(cfg, engine, "", kv.transports)
+        return PrefillWorker(cfg, engine, link, kv.senders()), hello
     from tideserve.roles.decode import DecodeWorker
 
     receiver = kv.receiver()
@@ -90,7 +114,7 @@ def run_worker(cfg: WorkerConfig) -> None:
     ctx = zmq.Context()
     auth = start_authenticator(ctx, keys) if keys else None
     link = RouterLink(ctx, cfg.router_address, cfg.worker_id, keys)
-    kv = KVEndpoints(cfg, ctx, keys)
+    kv = KVEndpoints(cfg, ctx, keys, str(engine.runner.device))
     worker = None
     try:
         while True:

@@ -97,7 +97,7 @@ class MigrationSource:
             why = f"the request is not decoding ({seq.status.value})"
         elif rid in self.out:
             why = "the request is already migrating"
-        elif msg.kv_transport not in ("tcp", "shm"):
+        elif msg.kv_transport not in self.senders():
             why = f"unknown KV transport {msg.kv_transport!r}"
         if why:
             self.link.send(MigrationFailed(rid, self.wid, why))

@@ -2,8 +2,9 @@
 
 Before each engine step the instance picks a phase with the pure rule in
 tideserve/policy/padg.py: a *prefill phase* (prompts only, decoding paused) takes as many
-prompt tokens as fit the smallest slack of the running requests minus one decode step; else a
-*decode phase* (decodes only, nothing admitted). With nothing decoding, prompts always run.
+prompt tokens as fit the smallest slack of the running requests minus one decode step, once
+that is at least MIN_CHUNK tokens (or all that is pending); else a *decode phase* (decodes
+only, nothing admitted). With nothing decoding, prompts always run.
 Step times are measured and fed back into the estimates; the instance reports its phase, its
 smallest slack and its speeds in every heartbeat, which the router's rolling activation uses.
 """
@@ -12,9 +13,13 @@ from __future__ import annotations
 
 import time
 
-from tideserve.policy.padg import Decoding, PhaseEstimator, min_slack, prefill_token_budget
-
-MIN_CHUNK = 16  # a prefill phase shorter than this many tokens is not worth the pause
+from tideserve.policy.padg import (
+    MIN_CHUNK,
+    Decoding,
+    PhaseEstimator,
+    min_slack,
+    prefill_token_budget,
+)
 
 
 class PhaseController:
@@ -52,6 +57,7 @@ class PhaseController:
 
     def step(self, on_layer) -> list:
         phase, budget = self.plan(time.monotonic())
+        self.phase = phase  # NOTE: before the step: heartbeats sent during it report this phase
         t0 = time.perf_counter()
         outs = self.engine.step(on_layer=on_layer, phase=phase, token_budget=budget)
         dt = time.perf_counter() - t0
@@ -60,7 +66,6 @@ class PhaseController:
             self.est.observe_prefill(prompt_tokens, dt)
         elif decodes and not prompt_tokens:
             self.est.observe_decode(dt)
-        self.phase = phase
         now = time.monotonic()
         for out in outs:
             if out.new_token_ids and out.request_id not in self.first_token_at:
