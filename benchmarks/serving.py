@@ -8,6 +8,9 @@ latency     N sequential streaming requests (128-token prompt, 64 output tokens)
             cores are split between the workers (1 thread each for 1P+1D on 2 cores, 2 for
             the colocated worker), so on a small CPU the disaggregated prefill has half the
             compute; --all-cores gives every worker all the cores instead (they then contend).
+            --per-device gives both modes two workers of one core each (colocated --decode 2,
+            1 thread per worker; disaggregated 1P+1D): the one-process-per-GPU layout, in
+            which disaggregation's TTFT cost is the KV hand-off, not half the compute.
             benchmarks/kv_streaming_overhead.py isolates what the KV streaming itself costs.
 throughput  32 concurrent streaming clients, each a distinct 128-token prompt and exactly 128
             output tokens (ignore_eos), greedy; output tok/s and TTFT p50/p90 per mode. The peer
@@ -64,9 +67,12 @@ def bench(kind: str, args) -> list[dict]:
     extra = ["--max-num-batched-tokens", str(args.max_batched)]
     if kind == "latency" and args.all_cores:
         extra += ["--num-threads", str(os.cpu_count() or 1)]
+    if args.per_device:
+        extra += ["--num-threads", "1"]
     for r in range(args.rounds):
         for mode in ("colocated", "disaggregated"):
-            with Serve(mode, args.dtype, extra) as srv:
+            workers = ["--decode", "2"] if args.per_device and mode == "colocated" else []
+            with Serve(mode, args.dtype, extra + workers) as srv:
                 warm = prompts(2, 128, seed=999)
                 asyncio.run(run_load(srv.url, warm, 8, 2))
                 if kind == "latency":
@@ -74,6 +80,7 @@ def bench(kind: str, args) -> list[dict]:
                 else:
                     res = asyncio.run(run_load(srv.url, prompts(32, 128, 100 + r), 128, 32))
             res |= {"mode": mode, "round": r, "dtype": args.dtype, "kind": kind}
+            res["setup"] = "per-device" if args.per_device else "split"
             rows.append(res)
             print(json.dumps(res), flush=True)
     return rows
@@ -109,6 +116,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10, help="requests per mode (latency)")
     ap.add_argument("--max-batched", type=int, default=1024, help="--max-num-batched-tokens")
     ap.add_argument("--all-cores", action="store_true", help="latency: all cores to every worker")
+    ap.add_argument("--per-device", action="store_true", help="two 1-thread workers in both modes")
     args = ap.parse_args()
     prepare_default_model()
     rows = bench(args.kind, args)

@@ -10,8 +10,8 @@ Where the compiler targets AVX-512 (`-march=native`) and head_dim is 64 or 128, 
 (sequence, kv head) runs in fp32 vector registers: scores 16 positions at a time with one
 transposed reduction (`sum16`) instead of a horizontal sum per position, bf16 K read as pairs by
 `vdpbf16ps` where the CPU has AVX512_BF16, and V accumulated for up to 16/NV query heads per
-pass. On this 2-core Zen 4 that is 2-3x the generic loop at batch 32, context 192
-(benchmarks/engine_throughput.py, `attention` part). Other shapes and CPUs take the generic loop.
+pass. On this 2-core Zen 4 that is 2-3x the generic loop at batch 32
+(benchmarks/attention_kernel.py). Other shapes and CPUs take the generic loop.
 
 It is built with torch's cpp_extension (g++ and ninja, both pip/apt-installable) into
 $TORCH_EXTENSIONS_DIR; if the build fails, `load()` returns None and the engine keeps the torch
