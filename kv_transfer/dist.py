@@ -21,9 +21,10 @@ Lifecycle of a pair (one sender endpoint -> one receiver endpoint), made on dema
 NOTE: every KVDistLayer notice that reaches a receiver gets a recv posted, even for a transfer
 that is unknown or already failed there (its bytes are dropped), so no send ever waits for a
 recv that never comes; per pair, sends and recvs are posted in notice order, which nccl needs.
-Each pair has one thread that posts an op and waits for it: gloo's Work only completes in
-`wait`, and the worker's loop must never block. A finished op wakes the worker's poller
-through an inproc socket in `sockets`.
+Each pair has one thread that posts its ops in order, up to PIPELINE_DEPTH ahead (the next
+layer's send is on its way while the previous one completes), and waits on each in order:
+gloo's Work only completes in `wait`, and the worker's loop must never block. A finished op
+wakes the worker's poller through an inproc socket in `sockets`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ DIST_BACKENDS = ("gloo", "nccl")
 _WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "")
 MAX_TAG = 1 << 30  # gloo slots are 32-bit; tags wrap long before that
 CLOSE_WAIT_S = 2.0  # close(): how long each pair thread gets to finish its queued ops
+PIPELINE_DEPTH = 4  # ops a pair thread posts ahead before it waits on the oldest
 _wake_ids = itertools.count()
 
 
@@ -175,10 +177,7 @@ class Pair:
         try:
             self._pg = self._form_group()
             self.is_ready = True
-            while (op := self._ops.get()) is not None:
-                self._run_op(op)
-                self.done.append(op)
-                _nudge(wake)
+            self._run_ops(wake)
         except Exception as e:  # a peer gone, a timeout, a group that never formed
             self.error = f"{self.backend} pair {self.pair_id} with {self.peer} failed: {e}"
             log.warning("%s", self.error)
@@ -207,12 +206,36 @@ class Pair:
         torch.cuda.set_device(self.device)  # this thread's ops run on the worker's GPU
         return pg
 
-    def _run_op(self, op: Op) -> None:
+    def _run_ops(self, wake: zmq.Socket) -> None:
+        """Posts queued ops in order, up to PIPELINE_DEPTH ahead of the oldest unfinished one
+        (layer i+1's send goes out while layer i's is on the wire), and finishes them in
+        order; returns after the stop sentinel once every posted op is done."""
+        posted: deque[tuple[Op, object]] = deque()  # posted, not waited on; oldest first
+        stopping = False
+        while posted or not stopping:
+            if not stopping and len(posted) < PIPELINE_DEPTH:
+                try:
+                    op = self._ops.get(block=not posted)
+                except queue.Empty:  # nothing more queued: wait on the oldest
+                    op = None
+                else:
+                    stopping = op is None
+                if op is not None:
+                    posted.append((op, self._post(op)))
+                    continue
+            if posted:
+                op, work = posted.popleft()
+                self._wait(op, work)
+                self.done.append(op)
+                _nudge(wake)
+
+    def _post(self, op: Op):
         peer = 1 - self.rank
         if op.is_send:
-            work = self._pg.send([op.tensor], peer, op.tag)
-        else:
-            work = self._pg.recv([op.tensor], peer, op.tag)
+            return self._pg.send([op.tensor], peer, op.tag)
+        return self._pg.recv([op.tensor], peer, op.tag)
+
+    def _wait(self, op: Op, work) -> None:
         if self.backend == "gloo":
             work.wait(datetime.timedelta(seconds=self.op_timeout_s))
             return

@@ -55,7 +55,7 @@ class Router:
         self.tokenizer = tokenizer
         self.cluster = cluster
         self.model = cfg.served_model_name or Path(cfg.model_path).name
-        self.metrics = RouterMetrics(lambda: cluster.events)
+        self.metrics = RouterMetrics(lambda: cluster.events, lambda: cluster.kv_transfers)
         self.pauses: collections.deque[float] = collections.deque(maxlen=1000)
 
         def on_pause(s: float) -> None:
@@ -144,6 +144,7 @@ class Router:
                 "requests_inflight_by_class": self.inflight_by_class,
                 "requests_parked": len(self.cluster.parked),
                 "migrations": self._migrations_json(),
+                "kv_transfers": dict(self.cluster.kv_transfers),
             }
         )
 

@@ -162,6 +162,7 @@ class Stream:
     wire_id: str = ""  # the id the current dispatch travels under
     dispatched_len: int = 0  # prompt tokens of the current dispatch (prompt + output so far)
     kv_landed: bool = False
+    kv_transport: str = ""  # how the current dispatch's KV travels to its target ("": none)
     got_token: bool = False  # the current dispatch has produced a token
     got_first: bool = False  # ... and its prefill worker's first token has arrived
     held: list[TokenChunk] = field(default_factory=list)  # decode tokens that overtook it
@@ -217,6 +218,7 @@ class Cluster:
         self.wire: dict[str, str] = {}  # wire id of a live dispatch -> request id
         self.parked: dict[str, Stream] = {}  # request id -> stream waiting to be re-dispatched
         self.events: collections.Counter[str] = collections.Counter()  # for /metrics
+        self.kv_transfers: collections.Counter[str] = collections.Counter()  # landed, by transport
         self._rejoin_asked: dict[str, float] = {}  # worker id -> when it was told to rejoin
         self.migrations: dict[str, tuple[str, str, float]] = {}  # wire id -> (src, dst, since)
         self.on_migration_pause: Callable[[float], None] = lambda s: None  # for /metrics
@@ -365,7 +367,7 @@ class Cluster:
         prefill = self.workers[r.prefill]
         prefill.pending_tokens += n
         target.pending_blocks += blocks_for(n + 1, target.hello.block_size)
-        transport = self._transport(prefill.hello, target.hello)
+        transport = s.kv_transport = self._transport(prefill.hello, target.hello)
         self._send(
             r.prefill,
             PrefillRequest(
@@ -654,6 +656,8 @@ class Cluster:
             return
         if msg.worker_id == s.target and not s.kv_landed:
             s.kv_landed = True
+            if s.prefill is not None:  # its first token comes only after the KV has landed
+                self.kv_transfers[s.kv_transport] += 1
             w = self.workers.get(s.target)
             if w is not None and s.prefill is not None:
                 w.pending_blocks = max(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tideserve.policy.routing import DEFAULT_KV_TRANSPORTS, parse_kv_transports
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -24,7 +26,7 @@ class RouterConfig:
     ttft_slo_s: float = 2.0  # partial mode: the TTFT a request's placement must meet
     macro_n_max: int = 4  # partial mode: a macro instance larger than this splits
     macro_n_min: int = 2  # partial mode: two macro instances smaller than this merge
-    kv_transports: tuple[str, ...] = ("nccl", "shm", "tcp")  # allowed, best first
+    kv_transports: tuple[str, ...] = DEFAULT_KV_TRANSPORTS  # allowed, best first
     api_key: str = field(default="", repr=False)  # "" = open; else /v1/*, /admin/* need Bearer
     protect_metrics: bool = False  # /metrics also needs the API key
     curve_keys: str = ""  # CURVE key directory for the worker socket; "" = plaintext
@@ -44,6 +46,7 @@ class RouterConfig:
             raise ValueError("api_key must not contain whitespace")
         if self.protect_metrics and not self.api_key:
             raise ValueError("protect_metrics needs an api_key")
+        parse_kv_transports(self.kv_transports)  # an unknown name is a ValueError
 
     @property
     def admission_limits(self) -> dict[str, int]:

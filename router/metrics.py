@@ -35,10 +35,33 @@ class _EventCounts:
         yield c
 
 
+class _KVTransferCounts:
+    """Exports the prefill -> decode KV transfers that landed, by transport, as one counter."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self):
+        c = CounterMetricFamily(
+            "tideserve_kv_transfers",
+            "prefill -> decode KV transfers that landed (the decode worker's first token), "
+            "by transport: tcp, shm, gloo, nccl",
+            labels=["transport"],
+        )
+        for transport, n in sorted(self.counts().items()):
+            c.add_metric([transport], n)
+        yield c
+
+
 class RouterMetrics:
-    def __init__(self, cluster_counts: Callable[[], dict[str, int]] = dict) -> None:
+    def __init__(
+        self,
+        cluster_counts: Callable[[], dict[str, int]] = dict,
+        kv_transfers: Callable[[], dict[str, int]] = dict,
+    ) -> None:
         r = self.registry = CollectorRegistry()
         r.register(_EventCounts(cluster_counts))
+        r.register(_KVTransferCounts(kv_transfers))
         self.requests = Counter(
             "tideserve_requests",
             "HTTP requests by endpoint and status",

@@ -298,6 +298,11 @@ _CLUSTER = {
     "required": ["workers", "requests_inflight"],
     "properties": {
         "requests_inflight": {"type": "integer", "minimum": 0},
+        "kv_transfers": {
+            "description": "prefill -> decode KV transfers that landed, by transport",
+            "type": "object",
+            "additionalProperties": {"type": "integer", "minimum": 0},
+        },
         "workers": {
             "type": "array",
             "items": {

@@ -16,6 +16,7 @@ from dataclasses import fields
 
 from tideserve.bench import cli as bench_cli
 from tideserve.config import EngineConfig
+from tideserve.policy.routing import DEFAULT_KV_TRANSPORTS, KV_TRANSPORTS, parse_kv_transports
 from tideserve.sim import cli as sim_cli
 
 
@@ -68,6 +69,29 @@ def add_security_args(p: argparse.ArgumentParser, http: bool) -> None:
         "TIDESERVE_API_KEY, which ps does not show",
     )
     p.add_argument("--protect-metrics", action="store_true", help="/metrics needs the API key too")
+
+
+def kv_transport_list(text: str) -> tuple[str, ...]:
+    """The type of --kv-transports: "gloo,tcp" -> ("gloo", "tcp"); an unknown name is an
+    error that lists the known ones."""
+    try:
+        return parse_kv_transports(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+kv_transport_list.comma_list = True  # settings: a TOML array of names is one value
+
+
+def add_kv_transports_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--kv-transports",
+        type=kv_transport_list,
+        default=DEFAULT_KV_TRANSPORTS,
+        metavar="LIST",
+        help=f"{what}, best first, comma-separated, of {', '.join(KV_TRANSPORTS)} "
+        f"(default {','.join(DEFAULT_KV_TRANSPORTS)}; gloo is used only where listed)",
+    )
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
@@ -128,6 +152,7 @@ def worker_config(args: argparse.Namespace, role: str):
         served_model_name=args.served_model_name,
         curve_keys=args.curve_keys,
         kv_timeout_s=args.kv_timeout,
+        kv_transports=args.kv_transports,
         drain_timeout_s=args.drain_timeout,
         tpot_slo_s=getattr(args, "tpot_slo", 0.2),
         engine=EngineConfig(**{**engine.__dict__, "model": model_path(engine.model)}),
@@ -169,6 +194,7 @@ def cmd_router(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             protect_metrics=args.protect_metrics,
             curve_keys=args.curve_keys,
+            kv_transports=args.kv_transports,
         )
     )
     return 0
@@ -217,6 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         protect_metrics=args.protect_metrics,
         curve_keys=args.curve_keys,
+        kv_transports=args.kv_transports,
         autoscale=args.autoscale,
         autoscaler_args=tuple(_autoscaler_flags(args)) if args.autoscale else (),
     )
@@ -273,6 +300,8 @@ def worker_engine_args(args: argparse.Namespace) -> list[str]:
         out += ["--served-model-name", args.served_model_name]
     if args.curve_keys:
         out += ["--curve-keys", os.path.abspath(args.curve_keys)]
+    if getattr(args, "kv_transports", None):
+        out += ["--kv-transports", ",".join(args.kv_transports)]
     return out
 
 
@@ -421,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default="")
     add_security_args(srv, http=True)
     add_router_args(srv)
+    add_kv_transports_arg(srv, "the KV transports between prefill and decode workers")
     add_engine_args(srv)
     srv.add_argument(
         "--autoscale",
@@ -454,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale in by migrating a worker's running requests away instead of waiting",
     )
     add_autoscale_args(asc)
+    add_kv_transports_arg(asc, "the KV transports the workers it starts offer")
     add_engine_args(asc)
     asc.set_defaults(func=cmd_autoscaler)
 
@@ -465,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--worker-address", default="tcp://127.0.0.1:7100")
     add_security_args(rt, http=True)
     add_router_args(rt)
+    add_kv_transports_arg(rt, "the KV transports it may pick for a pair of workers")
     rt.add_argument(
         "--slo-ttft",
         type=float,
@@ -503,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=60.0,
             help="on SIGTERM, how long running requests may take to finish (SIGINT: stop now)",
+        )
+        add_kv_transports_arg(
+            w, "the KV transports it offers (on CUDA it adds nccl where NCCL is available)"
         )
         add_security_args(w, http=False)
         add_engine_args(w)

@@ -22,6 +22,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from tideserve.policy.routing import DEFAULT_KV_TRANSPORTS, parse_kv_transports
+
 GRACE_S = 10.0
 MAX_RESTARTS_PER_MINUTE = 5  # a worker that dies more often than this stops the service
 
@@ -54,6 +56,7 @@ class ServeConfig:
     api_key: str = field(default="", repr=False)  # reaches the router in its env, never argv
     protect_metrics: bool = False  # /metrics needs the API key too
     curve_keys: str = ""  # CURVE key directory for every internal socket; "" = plaintext
+    kv_transports: tuple[str, ...] = DEFAULT_KV_TRANSPORTS  # router and workers, best first
     autoscale: bool = False  # an autoscaler process starts and stops the workers
     autoscaler_args: tuple[str, ...] = ()  # its policy, bounds and SLO flags
 
@@ -64,6 +67,7 @@ class ServeConfig:
             raise ValueError(
                 "need at least one decode worker (and one prefill worker when disaggregated)"
             )
+        parse_kv_transports(self.kv_transports)  # an unknown name is a ValueError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -110,6 +114,7 @@ def worker_commands(
         engine += ["--kv-cache-bytes", str(cfg.kv_cache_bytes)]
     if cfg.served_model_name:
         engine += ["--served-model-name", cfg.served_model_name]
+    engine += ["--kv-transports", ",".join(cfg.kv_transports)]
     if engine_only:
         return [
             engine + (["--curve-keys", os.path.abspath(cfg.curve_keys)] if cfg.curve_keys else [])
@@ -197,6 +202,7 @@ def serve(cfg: ServeConfig) -> int:
         router_cmd += ["--curve-keys", os.path.abspath(cfg.curve_keys)]
     if cfg.protect_metrics:
         router_cmd += ["--protect-metrics"]
+    router_cmd += ["--kv-transports", ",".join(cfg.kv_transports)]
     # NOTE: the API key travels in the router's environment (argv is world-readable in ps);
     # the workers do not need it and do not get it
     worker_env = {k: v for k, v in os.environ.items() if k != "TIDESERVE_API_KEY"}

@@ -9,9 +9,10 @@ Every option of a `tideserve` command can be set three ways, strongest first:
 then the built-in default. The name is the flag's, with dashes as underscores (env: upper
 case, `TIDESERVE_` prefix). In the TOML file, top-level keys apply to every command that has
 that option, and a table per command (`[serve]`, `[router]`, `[prefill]`, `[decode]`,
-`[autoscaler]`) overrides them for that command. Lists (`policy_option`) are TOML arrays, or
-comma-separated in the environment; switches take true/false (env: 1/0, true/false, yes/no).
-A key no command knows is an error that names it, so a typo does not pass silently.
+`[autoscaler]`) overrides them for that command. Lists (`policy_option`, `kv_transports`) are
+TOML arrays, or comma-separated in the environment; switches take true/false (env: 1/0,
+true/false, yes/no). A key no command knows is an error that names it, so a typo does not pass
+silently.
 `tideserve config show [COMMAND]` prints every option's effective value and where it came from.
 """
 
@@ -68,6 +69,8 @@ def _convert(action: argparse.Action, value, where: str):
         if v in ("0", "false", "no", "off", ""):
             return False
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if isinstance(value, list) and getattr(action.type, "comma_list", False):
+        value = ",".join(map(str, value))  # a TOML array for a comma-separated option
     if isinstance(action, argparse._AppendAction):
         items = value if isinstance(value, list) else [x for x in str(value).split(",") if x]
         return [_scalar(action, x, name) for x in items]
@@ -83,6 +86,8 @@ def _scalar(action: argparse.Action, value, name: str):
             if action.type
             else value
         )
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"{name}: {e}") from None
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: {value!r} is not a valid {action.type.__name__}") from None
     if action.type is None and not isinstance(value, str):

@@ -24,6 +24,7 @@ import zmq
 
 from tideserve import gpu_metrics
 from tideserve.config import EngineConfig
+from tideserve.policy.routing import parse_kv_transports
 from tideserve.protocol import (
     PROTOCOL_VERSION,
     Goodbye,
@@ -68,6 +69,7 @@ class WorkerConfig:
             )
         if self.tpot_slo_s <= 0:
             raise ValueError("tpot_slo_s must be positive")
+        parse_kv_transports(self.kv_transports)  # an unknown name is a ValueError
         if self.heartbeat_interval_s <= 0:
             raise ValueError("heartbeat_interval_s must be positive")
 

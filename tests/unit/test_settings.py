@@ -73,3 +73,26 @@ def test_config_show_and_bad_files_through_main(tmp_path, capsys, monkeypatch):
     assert "bad.toml" in capsys.readouterr().err
     assert cli.main(["router", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_kv_transports_reach_the_router_and_every_worker(capsys):
+    args, src = _resolve("serve", ["--kv-transports", "gloo, tcp,gloo"], {}, {})
+    assert (args.kv_transports, src["kv_transports"]) == (("gloo", "tcp"), "cli")
+    args, _ = _resolve("decode", [], {"kv_transports": ["gloo", "shm"]}, {})
+    assert args.kv_transports == ("gloo", "shm")  # a TOML array works as well as "gloo,shm"
+    args, _ = _resolve("router", [], {}, {"TIDESERVE_KV_TRANSPORTS": "gloo"})
+    assert args.kv_transports == ("gloo",)
+    assert _resolve("prefill", [], {}, {})[0].kv_transports == ("nccl", "shm", "tcp")
+    with pytest.raises(settings.ConfigError, match="unknown KV transport 'rdma'.*nccl, gloo"):
+        _resolve("serve", [], {}, {"TIDESERVE_KV_TRANSPORTS": "gloo,rdma"})
+    with pytest.raises(SystemExit):  # argparse's usage error: exit 2, no traceback
+        cli.main(["serve", "--kv-transports", "carrier-pigeon"])
+    assert "unknown KV transport 'carrier-pigeon'" in capsys.readouterr().err
+
+    from tideserve.launcher import ServeConfig, worker_commands
+
+    cfg = ServeConfig(model="m", kv_transports=("gloo", "tcp"))
+    for cmd in worker_commands(cfg, "tcp://127.0.0.1:1"):
+        assert cmd[cmd.index("--kv-transports") + 1] == "gloo,tcp"
+    with pytest.raises(ValueError, match="unknown KV transport"):
+        ServeConfig(model="m", kv_transports=("udp",))

@@ -72,6 +72,24 @@ def route(
 
 
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+KV_TRANSPORTS = ("nccl", "gloo", "shm", "tcp")  # what `--kv-transports` may list
+DEFAULT_KV_TRANSPORTS = ("nccl", "shm", "tcp")  # gloo only when asked for
+
+
+def parse_kv_transports(names) -> tuple[str, ...]:
+    """A comma list ("gloo,tcp") or a sequence of KV transport names as a tuple, best first,
+    without repeats; ValueError names an unknown one."""
+    items = names.split(",") if isinstance(names, str) else list(names)
+    out = tuple(dict.fromkeys(str(t).strip().lower() for t in items if str(t).strip()))
+    bad = [t for t in out if t not in KV_TRANSPORTS]
+    if bad:
+        raise ValueError(
+            f"unknown KV transport {', '.join(map(repr, bad))}; choose from "
+            f"{', '.join(KV_TRANSPORTS)}"
+        )
+    if not out:
+        raise ValueError(f"list at least one KV transport of {', '.join(KV_TRANSPORTS)}")
+    return out
 
 
 def choose_kv_transport(
