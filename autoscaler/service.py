@@ -34,8 +34,10 @@ from tideserve.policy.autoscale import (
     WorkerObs,
     count,
 )
+from tideserve.policy.modules import DropLayers, ReplicateLayers, RestoreLayers, UnreplicateLayers
 
 log = logging.getLogger(__name__)
+MODULE_ACTIONS = (ReplicateLayers, UnreplicateLayers, DropLayers, RestoreLayers)
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,8 @@ class Autoscaler:
                 self._scale(obs, action)
             elif isinstance(action, SetMaxBatch):
                 self._set_max_batch(action)
+            elif isinstance(action, MODULE_ACTIONS):
+                self._change_modules(action)
         return obs
 
     def _track(self, stats: dict) -> None:
@@ -284,6 +288,30 @@ class Autoscaler:
         self.metrics.actions.labels("max_batch", "").inc()
         self._say(f"max_num_seqs of {a.worker_id} -> {a.max_num_seqs}: {a.reason}")
 
+    def _change_modules(self, a) -> None:
+        """The `modules` policy's actions, through the router's /admin/workers/{id}/modules.
+        Dropping and restoring are not carried out yet: they need two workers' engines merged
+        into one pipeline across processes."""
+        if isinstance(a, (DropLayers, RestoreLayers)):
+            kind = "drop" if isinstance(a, DropLayers) else "restore"
+            log.warning("not carrying out %s of %s: not yet across processes", kind, a.worker_ids)
+            return
+        kind = "replicate" if isinstance(a, ReplicateLayers) else "unreplicate"
+        body = {"action": kind, "layers": [a.start, a.end], "target": a.target_id}
+        if isinstance(a, ReplicateLayers):
+            body["share"] = a.share
+        try:
+            self.router.call(f"/admin/workers/{a.worker_id}/modules", body)
+        except urllib.error.HTTPError as e:
+            log.warning("the router refused %s on %s: %s", kind, a.worker_id, _error_text(e))
+            return
+        except (OSError, urllib.error.URLError) as e:
+            log.warning("could not %s layers of %s: %s", kind, a.worker_id, e)
+            return
+        self.metrics.actions.labels(kind, "").inc()
+        where = f"layers [{a.start}, {a.end}) of {a.worker_id} on {a.target_id}"
+        self._say(f"{kind} {where}: {a.reason}")
+
     def _say(self, line: str) -> None:
         log.info("%s", line)
         self.log.append(line)
@@ -318,3 +346,11 @@ class Autoscaler:
                     time.sleep(0.05)
         finally:
             self.actuator.close()
+
+
+def _error_text(e: urllib.error.HTTPError) -> str:
+    """The router's OpenAI-shaped error message, or the status line."""
+    try:
+        return json.loads(e.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"HTTP {e.code}"

@@ -41,7 +41,7 @@ from router.openapi import openapi_schema
 from router.window import SlidingWindow
 from tideserve.engine.stop import StopChecker
 from tideserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from tideserve.protocol import RequestFailed, TokenChunk
+from tideserve.protocol import ModuleCommand, RequestFailed, TokenChunk
 from tideserve.security import load_curve_keys, warn_if_exposed
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class Router:
         app.router.add_post("/admin/workers/{worker_id}/resume", self.admin_resume)
         app.router.add_post("/admin/workers/{worker_id}/limits", self.admin_limits)
         app.router.add_post("/admin/workers/{worker_id}/role", self.admin_role)
+        app.router.add_post("/admin/workers/{worker_id}/modules", self.admin_modules)
         app.router.add_post("/admin/migrate", self.admin_migrate)
         app.router.add_get("/admin/requests", self.admin_requests)
         app.on_startup.append(lambda _: self.cluster.start())
@@ -285,6 +286,38 @@ class Router:
         except ValueError as e:
             raise ApiError(409, str(e), "conflict_error") from None
         return web.json_response({"id": wid, "role": role, "status": "switching"})
+
+    async def admin_modules(self, request: web.Request) -> web.Response:
+        """Changes an elastic worker's layers between two of its steps: {"action": "replicate"|
+        "unreplicate"|"migrate", "layers": [start, end], "share": 0.5, "target": its id}. The
+        worker's next heartbeat (on /cluster) shows the result."""
+        wid = self._worker(request)
+        body = await _json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        action = body.get("action")
+        if action not in ("replicate", "unreplicate", "migrate"):
+            raise ApiError(400, "action must be replicate, unreplicate or migrate", param="action")
+        layers, share = body.get("layers"), body.get("share", 0.5)
+        if (
+            not isinstance(layers, list)
+            or len(layers) != 2
+            or any(type(x) is not int for x in layers)
+            or not 0 <= layers[0] < layers[1]
+        ):
+            raise ApiError(400, "layers must be [start, end] with 0 <= start < end", param="layers")
+        if type(share) not in (int, float) or not 0 < share < 1:
+            raise ApiError(400, "share must be a number in (0, 1)", param="share")
+        target = body.get("target", wid)
+        if target != wid:  # NOTE: replicas live in the worker's own process for now
+            raise ApiError(409, "a replica on another worker is not supported yet",
+                           "conflict_error", "target")  # fmt: skip
+        cmd = ModuleCommand(action, layers[0], layers[1], float(share))
+        try:
+            self.cluster.change_modules(wid, cmd)
+        except ValueError as e:
+            raise ApiError(409, str(e), "conflict_error") from None
+        return web.json_response({"id": wid, "action": action, "layers": layers, "status": "sent"})
 
     # -- the two generation endpoints ----------------------------------------------------------
 

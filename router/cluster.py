@@ -44,6 +44,7 @@ from tideserve.protocol import (
     MigrateRequest,
     MigrationDone,
     MigrationFailed,
+    ModuleCommand,
     Params,
     PrefillRequest,
     ProtocolError,
@@ -123,6 +124,8 @@ class Worker:
             "kv_blocks_total": h.num_kv_blocks,
             "max_num_seqs": s.max_num_seqs if s else 0,
             "gpu": _gpu_json(s.gpu) if s is not None and s.gpu is not None else None,
+            "layers": [list(r) for r in s.layers] if s else [],  # [] = the whole model
+            "replicas": [_replica_json(r) for r in s.replicas] if s else [],
             "requests": requests,  # the router's requests that still need it
             "started_at": h.started_at,
             "engine_loaded_at": h.engine_loaded_at,
@@ -130,6 +133,38 @@ class Worker:
             "registered_at": self.registered_at,
             "first_token_at": self.first_token_at,
         }
+
+
+def _check_module_command(hb: Heartbeat | None, cmd: ModuleCommand, wid: str) -> None:
+    """ValueError (a message for the operator) unless `cmd` fits the worker's layers as its
+    last heartbeat reports them; the worker checks again when it runs it."""
+    layers = [tuple(r) for r in hb.layers] if hb else []
+    if not layers:
+        raise ValueError(f"worker {wid} does not run layer stages (start it with --layer-stages)")
+    replicated = {(r.start, r.end) for r in hb.replicas}
+    want = (cmd.start, cmd.end)
+    if cmd.action == "replicate":
+        if want not in layers:
+            raise ValueError(f"replicate takes a whole stage; worker {wid} has stages {layers}")
+        if want in replicated:
+            raise ValueError(f"layers {list(want)} on worker {wid} already have a replica")
+    elif cmd.action == "unreplicate":
+        if want not in replicated:
+            raise ValueError(f"layers {list(want)} on worker {wid} have no replica")
+    else:
+        at_edge = any(
+            (a < cmd.start and cmd.end == b and i + 1 < len(layers))
+            or (cmd.start == a and cmd.end < b and i > 0)
+            for i, (a, b) in enumerate(layers)
+        )
+        if not at_edge:
+            raise ValueError(
+                f"migrate moves layers at a stage's inner edge; worker {wid} has stages {layers}"
+            )
+
+
+def _replica_json(r) -> dict:
+    return {"layers": [r.start, r.end], "host": r.host_id, "share": r.share, "seqs": r.num_seqs}
 
 
 def _gpu_json(g) -> dict:
@@ -555,6 +590,13 @@ class Cluster:
     def set_limits(self, worker_id: str, max_num_seqs: int) -> None:
         self.workers[worker_id]  # KeyError for an unknown id
         self._send(worker_id, SetLimits(max_num_seqs))
+
+    def change_modules(self, worker_id: str, cmd: ModuleCommand) -> None:
+        """Sends a layer change to an elastic worker; ValueError when its last heartbeat shows
+        it cannot do it (no layer stages, or no such stage/replica/edge)."""
+        w = self.workers[worker_id]
+        _check_module_command(w.stats, cmd, worker_id)
+        self._send(worker_id, cmd)
 
     def switch_role(self, worker_id: str, role: str) -> None:
         """Asks a drained, idle worker to take `role`; ValueError when it is not drained yet."""

@@ -293,6 +293,13 @@ _HEALTH = {
     "properties": {"status": {"enum": ["ok", "unavailable"]}},
 }
 
+_LAYER_RANGE = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0},
+    "minItems": 2,
+    "maxItems": 2,
+}
+
 _CLUSTER = {
     "type": "object",
     "required": ["workers", "requests_inflight"],
@@ -319,6 +326,25 @@ _CLUSTER = {
                     "load": {"type": "object"},
                     "kv_blocks_used": {"type": "integer"},
                     "kv_blocks_total": {"type": "integer"},
+                    "layers": {
+                        "description": "its layer ranges [start, end); [] = the whole model",
+                        "type": "array",
+                        "items": _LAYER_RANGE,
+                    },
+                    "replicas": {
+                        "description": "replicas of its layer ranges, where they run",
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["layers", "host", "share"],
+                            "properties": {
+                                "layers": _LAYER_RANGE,
+                                "host": {"type": "string"},
+                                "share": {"type": "number"},
+                                "seqs": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                    },
                 },
             },
         },
@@ -511,6 +537,19 @@ def openapi_schema(max_body_bytes: int) -> dict:
                     "type": "object",
                     "required": ["role"],
                     "properties": {"role": {"enum": ["prefill", "decode", "colocated", "partial"]}},
+                },
+            ),
+            "/admin/workers/{worker_id}/modules": _admin(
+                "Replicate, unreplicate or migrate a layer range of an elastic worker",
+                {
+                    "type": "object",
+                    "required": ["action", "layers"],
+                    "properties": {
+                        "action": {"enum": ["replicate", "unreplicate", "migrate"]},
+                        "layers": _LAYER_RANGE,
+                        "share": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                        "target": {"type": "string"},
+                    },
                 },
             ),
         },

@@ -50,6 +50,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="torch CPU threads of this worker (several workers on one CPU: give each a share)",
     )
+    p.add_argument(
+        "--layer-stages",
+        type=int,
+        default=0,
+        help="colocated workers: run the model as N layer stages whose replicas and split the "
+        "router's /admin/workers/{id}/modules changes while requests run (0: the plain engine)",
+    )
 
 
 def add_security_args(p: argparse.ArgumentParser, http: bool) -> None:
@@ -231,6 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         served_model_name=args.served_model_name,
         num_threads=args.num_threads,
+        layer_stages=args.layer_stages,
         log_level=args.log_level,
         heartbeat_timeout_s=args.heartbeat_timeout,
         max_inflight_requests=args.max_inflight,
@@ -296,6 +304,8 @@ def worker_engine_args(args: argparse.Namespace) -> list[str]:
     out += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.kv_cache_bytes:
         out += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
+    if getattr(args, "layer_stages", 0):
+        out += ["--layer-stages", str(args.layer_stages)]
     if args.served_model_name:
         out += ["--served-model-name", args.served_model_name]
     if args.curve_keys:

@@ -23,6 +23,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # tokens per step at most (prefill chunks + decodes)
     enable_chunked_prefill: bool = True  # split long prompts across steps
     num_threads: int | None = None  # torch CPU threads for this process; None = torch's default
+    layer_stages: int = 0  # >= 1: run the model as this many elastic layer stages (ModuleCommand)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -35,6 +36,8 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.layer_stages < 0:
+            raise ValueError(f"layer_stages must be >= 0, got {self.layer_stages}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.load_format not in ("safetensors", "auto", "dummy"):

@@ -43,6 +43,7 @@ class ServeConfig:
     max_num_batched_tokens: int = 1024
     served_model_name: str = ""
     num_threads: int | None = None  # torch threads per worker; None = the cores split evenly
+    layer_stages: int = 0  # colocated workers: elastic layer stages (0: the plain engine)
     log_level: str = "INFO"
     ready_timeout_s: float = 300.0
     heartbeat_timeout_s: float = 5.0  # the router drops a worker silent this long
@@ -68,6 +69,8 @@ class ServeConfig:
                 "need at least one decode worker (and one prefill worker when disaggregated)"
             )
         parse_kv_transports(self.kv_transports)  # an unknown name is a ValueError
+        if self.layer_stages and self.mode != "colocated":
+            raise ValueError("--layer-stages needs --mode colocated (its KV never leaves a worker)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,6 +115,8 @@ def worker_commands(
     ]
     if cfg.kv_cache_bytes:
         engine += ["--kv-cache-bytes", str(cfg.kv_cache_bytes)]
+    if cfg.layer_stages and not engine_only:
+        engine += ["--layer-stages", str(cfg.layer_stages)]
     if cfg.served_model_name:
         engine += ["--served-model-name", cfg.served_model_name]
     engine += ["--kv-transports", ",".join(cfg.kv_transports)]

@@ -10,7 +10,7 @@ Who sends what:
     worker -> router     Hello, Heartbeat, Goodbye, TokenChunk, RequestFailed, MigrationDone,
                          MigrationFailed
     router -> worker     PrefillRequest, GenerateRequest, AbortRequest, Welcome, Rejoin,
-                         SetLimits, SwitchRole, MigrateRequest, CancelMigration
+                         SetLimits, SwitchRole, MigrateRequest, CancelMigration, ModuleCommand
     prefill -> decode    KVBegin, KVLayer (+ tensor frame, or a shm notice), KVDone, KVAbort
     decode -> prefill    KVAck
     gloo/nccl pairs      KVPairOffer (sender -> receiver), KVDistLayer (a notice; the bytes go
@@ -127,6 +127,30 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True, frozen=True):
     prefill_s_per_token: float = 0.0  # partial mode: measured prefill speed
     decode_step_s: float = 0.0  # partial mode: measured decode step
     gpu: GpuStats | None = None  # None: no GPU, or no NVML on the worker
+    layers: list[tuple[int, int]] = []  # its layer ranges [start, end); [] = the whole model
+    replicas: list[LayerReplica] = []  # ranges replicated for it, and where
+
+
+class LayerReplica(msgspec.Struct, array_like=True, frozen=True):
+    """A replica of layers [start, end) computing `share` of a worker's batch on `host_id`."""
+
+    start: int
+    end: int
+    host_id: str  # the worker holding the replica's weights (itself, in one process)
+    share: float
+    num_seqs: int = 0  # sequences it computes now
+
+
+class ModuleCommand(msgspec.Struct, tag="module_command", array_like=True, frozen=True):
+    """Router -> an elastic worker (`--layer-stages`): change its layers between two steps.
+    replicate: a replica of the stage [start, end) takes `share` of its sequences; unreplicate:
+    the replica hands them back; migrate: layers [start, end) at a stage's edge move to the
+    neighbouring stage. The next Heartbeat's `layers`/`replicas` show the outcome."""
+
+    action: Literal["replicate", "unreplicate", "migrate"]
+    start: int
+    end: int
+    share: float = 0.5
 
 
 class SetLimits(msgspec.Struct, tag="set_limits", array_like=True, frozen=True):
@@ -369,6 +393,7 @@ Message = (
     | Rejoin
     | SetLimits
     | SwitchRole
+    | ModuleCommand
     | MigrateRequest
     | CancelMigration
     | MigrationDone

@@ -5,8 +5,13 @@ actuator error does not end the loop."""
 
 from __future__ import annotations
 
+import io
+import json
+import urllib.error
+
 from autoscaler.service import Autoscaler, AutoscalerConfig
 from tideserve.policy.autoscale import Bounds, ScaleTo, SetMaxBatch
+from tideserve.policy.modules import DropLayers, ReplicateLayers, UnreplicateLayers
 
 
 class FakeRouter:
@@ -120,3 +125,39 @@ def test_max_batch_and_actuator_errors():
     policy.next = [ScaleTo({"colocated": 2}, "busy")]
     a.tick(now=2.0)  # logged, not raised
     assert act.started == [] and not a.launches
+
+
+def test_module_actions_go_to_the_router_admin_endpoint():
+    a, policy, _, router = make()
+    router.workers = [worker("w0", running=8), worker("w1")]
+    policy.next = [ReplicateLayers("w0", "w0", 2, 4, 0.5, "hot")]
+    a.tick(now=1.0)
+    body = {"action": "replicate", "layers": [2, 4], "target": "w0", "share": 0.5}
+    assert ("/admin/workers/w0/modules", body) in router.calls
+    assert a.log[-1].startswith("replicate layers [2, 4) of w0 on w0")
+    policy.next = [UnreplicateLayers("w0", "w0", 2, 4, "calm")]
+    a.tick(now=2.0)
+    body = {"action": "unreplicate", "layers": [2, 4], "target": "w0"}
+    assert ("/admin/workers/w0/modules", body) in router.calls
+    policy.next = [DropLayers(("w0", "w1"), 15, "both short of KV")]
+    n = len(router.calls)
+    a.tick(now=3.0)  # not carried out across processes yet: nothing sent, nothing raised
+    assert [p for p, _ in router.calls[n:]] == ["/admin/stats"]
+
+
+def test_a_refused_module_action_is_logged_not_raised():
+    a, policy, _, router = make()
+    router.workers = [worker("w0", running=8), worker("w1")]
+    msg = {"error": {"message": "a replica on another worker is not supported yet"}}
+
+    def refuse(path: str, body: dict | None = None) -> dict:
+        if path.endswith("/modules"):
+            raise urllib.error.HTTPError(
+                path, 409, "Conflict", {}, io.BytesIO(json.dumps(msg).encode())
+            )
+        return FakeRouter.call(router, path, body)
+
+    router.call = refuse
+    policy.next = [ReplicateLayers("w0", "w1", 2, 4, 0.5, "hot")]
+    assert a.tick(now=1.0) is not None
+    assert not any(line.startswith("replicate") for line in a.log)

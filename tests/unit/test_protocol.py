@@ -65,6 +65,19 @@ MESSAGES = [
     p.Heartbeat(
         "w1", "ready", 1, 2, 300, 4, 100, gpu=p.GpuStats(37.0, 10 << 30, 80 << 30, 250.5, 61.0)
     ),
+    p.Heartbeat(
+        "w1",
+        "ready",
+        1,
+        2,
+        300,
+        4,
+        100,
+        layers=[(0, 2), (2, 4)],
+        replicas=[p.LayerReplica(2, 4, "w1", 0.5, 3)],
+    ),  # fmt: skip
+    p.ModuleCommand("replicate", 2, 4, 0.25),
+    p.ModuleCommand("migrate", 1, 2),
 ]
 
 
@@ -78,6 +91,13 @@ def test_a_heartbeat_without_gpu_fields_decodes_as_no_gpu():
     old = msgspec.msgpack.encode(["heartbeat", "w1", "ready", 1, 2, 3, 4, 100])  # before GpuStats
     got, _ = p.decode([old])
     assert isinstance(got, p.Heartbeat) and got.gpu is None
+    assert got.layers == [] and got.replicas == []  # before layer ranges: the whole model
+
+
+def test_a_module_command_of_an_unknown_action_is_rejected():
+    bad = msgspec.msgpack.encode(["module_command", "explode", 0, 2, 0.5])
+    with pytest.raises(p.ProtocolError):
+        p.decode([bad])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])

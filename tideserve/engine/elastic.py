@@ -182,6 +182,10 @@ class ElasticRunner(PipelineRunner):
         # parallel: a replica's share runs on its own thread (a second worker, 1 thread each)
         self._pool = ThreadPoolExecutor(1) if parallel else None
 
+    @property
+    def device(self) -> torch.device:
+        return self.factory.device
+
     def run(
         self, step: SchedulerOutput, layer_hook=None
     ) -> tuple[list[ScheduledSeq], SampleResult]:

@@ -30,6 +30,7 @@ from tideserve.protocol import (
     CancelMigration,
     GenerateRequest,
     MigrateRequest,
+    ModuleCommand,
     RequestFailed,
     TokenChunk,
 )
@@ -75,6 +76,12 @@ class DecodeWorker:
         if cfg.role in ("colocated", "partial"):
             handlers[GenerateRequest] = self.handle_generate
         self.phases = PhaseController(engine, cfg.tpot_slo_s) if cfg.role == "partial" else None
+        self.modules = None
+        if hasattr(engine.runner, "replicas"):  # an elastic engine (--layer-stages)
+            from tideserve.roles.modules import ModuleController
+
+            self.modules = ModuleController(engine, self.wid)
+            handlers[ModuleCommand] = self.modules.handle_module_command
         self.loop = WorkerLoop(
             cfg,
             link,
@@ -248,4 +255,6 @@ class DecodeWorker:
         hb = engine_stats(self.cfg, self.engine, self.loop.state, len(self.importing))
         if self.phases is not None:
             hb = msgspec.structs.replace(hb, **self.phases.report())
+        if self.modules is not None:
+            hb = msgspec.structs.replace(hb, **self.modules.report())
         return hb

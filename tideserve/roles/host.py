@@ -102,13 +102,15 @@ def build_role(cfg: WorkerConfig, engine, link: RouterLink, kv: KVEndpoints):
 def run_worker(cfg: WorkerConfig) -> None:
     import zmq
 
-    from tideserve.engine.engine import LLMEngine
+    from tideserve.roles.modules import build_engine
     from tideserve.security import load_curve_keys, start_authenticator
 
     cfg = dataclasses.replace(cfg, worker_id=cfg.resolved_id)  # the id outlives role switches
     keys = load_curve_keys(cfg.curve_keys)  # before the engine loads: a bad dir fails fast
     t0 = time.time()
-    engine = LLMEngine.from_config(cfg.engine)
+    if cfg.engine.layer_stages and cfg.role != "colocated":
+        raise ValueError("--layer-stages needs --role colocated (its KV never leaves a worker)")
+    engine = build_engine(cfg.engine)
     engine.loaded_at = time.time()
     engine.load_s = engine.loaded_at - t0
     ctx = zmq.Context()
