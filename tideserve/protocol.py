@@ -366,10 +366,13 @@ class StageStep(msgspec.Struct, tag="stage_step", array_like=True, frozen=True):
 
     transfer_id: str
     items: list[StageItem]
+    num_decodes: int = -1  # the first n items are decodes (-1: guess from num_tokens, sample)
 
 
 class StageResult(msgspec.Struct, tag="stage_result", array_like=True, frozen=True):
-    """Last stage -> head: the tokens sampled for a micro-batch's sampling items, in order."""
+    """Last stage -> head: the tokens sampled for a micro-batch's sampling items, in order. A
+    replica stage sends no tokens: its output (hidden states, or logits) travels back as the
+    kv_transfer `transfer_id`."""
 
     transfer_id: str
     token_ids: list[int]
@@ -385,6 +388,18 @@ class StageRelease(msgspec.Struct, tag="stage_release", array_like=True, frozen=
 
 class StageClose(msgspec.Struct, tag="stage_close", array_like=True, frozen=True):
     reason: str = ""
+
+
+class StageKV(msgspec.Struct, tag="stage_kv", array_like=True, frozen=True):
+    """Head -> a replica stage (tideserve/roles/replica.py): one sequence's KV of the replica's
+    layers. `into`: it travels as the kv_transfer `transfer_id`, import it into `block_table`;
+    else send it back to the head as that transfer (and forget the sequence)."""
+
+    transfer_id: str
+    request_id: str
+    block_table: list[int]
+    num_tokens: int  # positions 0..num_tokens-1
+    into: bool
 
 
 Message = (
@@ -418,6 +433,7 @@ Message = (
     | StageResult
     | StageRelease
     | StageClose
+    | StageKV
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -122,6 +122,7 @@ def test_stage_messages_round_trip():
         StageClose,
         StageHello,
         StageItem,
+        StageKV,
         StageRelease,
         StageResult,
         StageStep,
@@ -137,6 +138,8 @@ def test_stage_messages_round_trip():
         StageResult("head-mb2", [], [], error="boom"),
         StageRelease(["r1", "r2"]),
         StageClose("done"),
+        StageStep("head-mb3", [item], 1),
+        StageKV("hot-kvin0", "r1", [3, 4], 20, True),
     ):
         assert decode(encode(msg)) == (msg, [])
 

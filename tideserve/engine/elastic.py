@@ -229,6 +229,8 @@ class ElasticRunner(PipelineRunner):
             hook = layer_hook if runner is stage else None
             if self._pool is not None and runner is rep.stage:
                 fut = self._pool.submit(runner.forward, sub, x, hook)
+            elif runner is rep.stage and hasattr(runner, "submit"):  # in another process
+                fut = runner.submit(sub, x)  # computes while the primary does its rows
             else:
                 fut = _Done(runner.forward(sub, x, hook))
             jobs.append((fut, rows, sample_rows))
@@ -243,20 +245,34 @@ class ElasticRunner(PipelineRunner):
 
     # -- replication -------------------------------------------------------------------------
 
-    def replicate(self, i: int, seqs: list[Sequence], share: float = 0.5) -> Replica:
+    def replicate(self, i: int, seqs: list[Sequence], share: float = 0.5, remote=None) -> Replica:
         """Loads a replica of stage i and hands it `share` of the live sequences (their KV of
-        the stage's layers copied first) and of the sequences that start from now on."""
+        the stage's layers copied first) and of the sequences that start from now on.
+        `remote`: a replica already loaded in another process (tideserve/roles/replica.py's
+        `RemoteReplica`, same layer range, a cache of at least the pool's blocks); the KV
+        goes to it over kv_transfer."""
         if i in self.replicas:
             raise ValueError(f"stage {i} already has a replica")
         stage = self.stages[i]
-        rep = Replica(self.factory.stage(stage.layers, stage.kv.num_blocks), share)
+        if remote is not None and (
+            remote.layers != stage.layers or remote.num_kv_blocks < stage.kv.num_blocks
+        ):
+            raise ValueError(f"remote replica {remote.layers} does not fit stage {stage.layers}")
+        if remote is not None and stage.layers.is_first:
+            raise ValueError("a remote replica needs hidden states in: not the first stage")
+        rep_stage = remote or self.factory.stage(stage.layers, stage.kv.num_blocks)
+        rep = Replica(rep_stage, share)
         live = [s for s in seqs if s.block_table and not s.is_finished]
         for s in live:
             rep._credit += share
             if rep._credit >= 1.0:
                 rep._credit -= 1.0
                 rep.offloaded[s.request_id] = s
-        copy_kv(stage.kv, 0, rep.stage.kv, 0, stage.layers.size, list(rep.offloaded.values()))
+        handed = list(rep.offloaded.values())
+        if remote is not None:
+            remote.copy_in(stage.kv, 0, handed)
+        else:
+            copy_kv(stage.kv, 0, rep.stage.kv, 0, stage.layers.size, handed)
         self.replicas[i] = rep
         return rep
 
@@ -265,6 +281,8 @@ class ElasticRunner(PipelineRunner):
         the replica; returns the KV bytes copied."""
         rep = self.replicas.pop(i)
         live = [s for s in rep.offloaded.values() if s.block_table and not s.is_finished]
+        if not isinstance(rep.stage, Stage):  # a remote replica: its KV comes back over the wire
+            return rep.stage.copy_out(self.stages[i].kv, 0, live)
         return copy_kv(rep.stage.kv, 0, self.stages[i].kv, 0, rep.stage.layers.size, live)
 
     # -- migration ---------------------------------------------------------------------------

@@ -90,7 +90,9 @@ class ModuleController:
             rep = self.runner.replicas[i]
             r = rep.stage.layers
             live = sum(not s.is_finished for s in rep.offloaded.values())
-            out.append(LayerReplica(r.start, r.end, self.wid, rep.share, live))
+            hello = getattr(rep.stage, "hello", None)  # a replica in another process
+            host = hello.worker_id if hello is not None else self.wid
+            out.append(LayerReplica(r.start, r.end, host, rep.share, live))
         return out
 
     def report(self) -> dict:

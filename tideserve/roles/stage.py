@@ -111,7 +111,8 @@ class RemoteStage:
             )
             for it in mb.decodes + mb.prefills
         ]  # fmt: skip
-        self.link.send(self.hello.control_address, encode(StageStep(tid, items)))
+        step = StageStep(tid, items, len(mb.decodes))  # a 1-token prefill is not a decode
+        self.link.send(self.hello.control_address, encode(step))
         return tid
 
     def collect(self, tid: str) -> StageResult:
@@ -277,14 +278,19 @@ class StageServer:
 
     def _run(self, step: StageStep, hidden: torch.Tensor) -> None:
         plan = SchedulerOutput([], [], [])
-        for item in step.items:
+        for n, item in enumerate(step.items):
             seq = self.seqs.get(item.request_id)
             if seq is None:
                 seq = Sequence(item.request_id, [], to_sampling_params(item.params))
                 self.seqs[item.request_id] = seq
             seq.block_table = item.block_table
             it = ScheduledSeq(seq, item.start, item.num_tokens, item.sample)
-            (plan.decodes if item.num_tokens == 1 and item.sample else plan.prefills).append(it)
+            is_decode = (
+                n < step.num_decodes
+                if step.num_decodes >= 0
+                else item.num_tokens == 1 and item.sample
+            )
+            (plan.decodes if is_decode else plan.prefills).append(it)
         try:
             logits = self.stage.forward(plan, hidden)
             _, result = self.stage.sample(plan, logits)
