@@ -289,8 +289,9 @@ class Router:
 
     async def admin_modules(self, request: web.Request) -> web.Response:
         """Changes an elastic worker's layers between two of its steps: {"action": "replicate"|
-        "unreplicate"|"migrate", "layers": [start, end], "share": 0.5, "target": its id}. The
-        worker's next heartbeat (on /cluster) shows the result."""
+        "unreplicate"|"migrate", "layers": [start, end], "share": 0.5, "target": a worker id
+        (default: itself) to host the replica}. The worker's next heartbeat (on /cluster) shows
+        the result."""
         wid = self._worker(request)
         body = await _json(request)
         if not isinstance(body, dict):
@@ -309,10 +310,10 @@ class Router:
         if type(share) not in (int, float) or not 0 < share < 1:
             raise ApiError(400, "share must be a number in (0, 1)", param="share")
         target = body.get("target", wid)
-        if target != wid:  # NOTE: replicas live in the worker's own process for now
-            raise ApiError(409, "a replica on another worker is not supported yet",
-                           "conflict_error", "target")  # fmt: skip
-        cmd = ModuleCommand(action, layers[0], layers[1], float(share))
+        if not isinstance(target, str) or not target:
+            raise ApiError(400, "target must be a worker id", param="target")
+        cmd = ModuleCommand(action, layers[0], layers[1], float(share),
+                            "" if target == wid else target)  # fmt: skip
         try:
             self.cluster.change_modules(wid, cmd)
         except ValueError as e:

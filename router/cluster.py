@@ -40,6 +40,7 @@ from tideserve.protocol import (
     Goodbye,
     Heartbeat,
     Hello,
+    HostReplica,
     Message,
     MigrateRequest,
     MigrationDone,
@@ -141,16 +142,23 @@ def _check_module_command(hb: Heartbeat | None, cmd: ModuleCommand, wid: str) ->
     layers = [tuple(r) for r in hb.layers] if hb else []
     if not layers:
         raise ValueError(f"worker {wid} does not run layer stages (start it with --layer-stages)")
-    replicated = {(r.start, r.end) for r in hb.replicas}
+    own = {(r.start, r.end): r for r in hb.replicas if not r.head_id}  # not those it hosts
     want = (cmd.start, cmd.end)
     if cmd.action == "replicate":
         if want not in layers:
             raise ValueError(f"replicate takes a whole stage; worker {wid} has stages {layers}")
-        if want in replicated:
+        if want in own:
             raise ValueError(f"layers {list(want)} on worker {wid} already have a replica")
+        if cmd.target and cmd.start == 0:
+            raise ValueError("a replica on another worker needs hidden states in: not layer 0")
     elif cmd.action == "unreplicate":
-        if want not in replicated:
+        if want not in own:
             raise ValueError(f"layers {list(want)} on worker {wid} have no replica")
+        if cmd.target and own[want].host_id != cmd.target:
+            raise ValueError(f"the replica of {list(want)} is on {own[want].host_id}, "
+                             f"not {cmd.target}")  # fmt: skip
+    elif cmd.target:
+        raise ValueError("migrate moves layers within the worker: no target")
     else:
         at_edge = any(
             (a < cmd.start and cmd.end == b and i + 1 < len(layers))
@@ -164,7 +172,27 @@ def _check_module_command(hb: Heartbeat | None, cmd: ModuleCommand, wid: str) ->
 
 
 def _replica_json(r) -> dict:
-    return {"layers": [r.start, r.end], "host": r.host_id, "share": r.share, "seqs": r.num_seqs}
+    out = {"layers": [r.start, r.end], "host": r.host_id, "share": r.share, "seqs": r.num_seqs}
+    if r.head_id:  # hosted here for another worker
+        out.update({"for": r.head_id, "kv_bytes": r.kv_bytes})
+    return out
+
+
+MAX_HOSTED_REPLICAS = 1  # replicas of other workers' layers one worker may host at a time
+
+
+def _check_replica_host(w: Worker | None, target: str, wid: str) -> None:
+    """ValueError unless `target` can host a replica of `wid`'s layers now: a registered,
+    ready decode or colocated worker that is not already hosting its share."""
+    if w is None:
+        raise ValueError(f"target {target} is not a registered worker")
+    if w.effective_state != "ready" or w.stats is None:
+        raise ValueError(f"target {target} is not ready ({w.effective_state})")
+    if w.hello.role not in ("decode", "colocated"):
+        raise ValueError(f"target {target} is a {w.hello.role} worker: it cannot host a replica")
+    hosted = [r for r in w.stats.replicas if r.head_id]
+    if len(hosted) >= MAX_HOSTED_REPLICAS:
+        raise ValueError(f"target {target} already hosts a replica (for {hosted[0].head_id})")
 
 
 def _gpu_json(g) -> dict:
@@ -273,6 +301,7 @@ class Cluster:
             RequestFailed: self.handle_failed,
             MigrationDone: self.handle_migration_done,
             MigrationFailed: self.handle_migration_failed,
+            HostReplica: self.handle_host_replica,
         }
 
     async def start(self) -> None:
@@ -596,7 +625,16 @@ class Cluster:
         it cannot do it (no layer stages, or no such stage/replica/edge)."""
         w = self.workers[worker_id]
         _check_module_command(w.stats, cmd, worker_id)
+        if cmd.action == "replicate" and cmd.target:
+            _check_replica_host(self.workers.get(cmd.target), cmd.target, worker_id)
         self._send(worker_id, cmd)
+
+    def handle_host_replica(self, msg: HostReplica) -> None:
+        """The hot worker's half of a replica on another worker: pass it to the host."""
+        if msg.host_id not in self.workers:
+            log.warning("%s asks %s to host a replica: no such worker", msg.worker_id, msg.host_id)
+            return
+        self._send(msg.host_id, msg)
 
     def switch_role(self, worker_id: str, role: str) -> None:
         """Asks a drained, idle worker to take `role`; ValueError when it is not drained yet."""

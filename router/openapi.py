@@ -332,7 +332,8 @@ _CLUSTER = {
                         "items": _LAYER_RANGE,
                     },
                     "replicas": {
-                        "description": "replicas of its layer ranges, where they run",
+                        "description": "replicas of its layer ranges, where they run, and "
+                        "replicas it hosts for other workers ('for': whose layers)",
                         "type": "array",
                         "items": {
                             "type": "object",
@@ -342,6 +343,8 @@ _CLUSTER = {
                                 "host": {"type": "string"},
                                 "share": {"type": "number"},
                                 "seqs": {"type": "integer", "minimum": 0},
+                                "for": {"type": "string"},
+                                "kv_bytes": {"type": "integer", "minimum": 0},
                             },
                         },
                     },
@@ -548,7 +551,10 @@ def openapi_schema(max_body_bytes: int) -> dict:
                         "action": {"enum": ["replicate", "unreplicate", "migrate"]},
                         "layers": _LAYER_RANGE,
                         "share": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-                        "target": {"type": "string"},
+                        "target": {
+                            "type": "string",
+                            "description": "the worker to host the replica (default: itself)",
+                        },
                     },
                 },
             ),

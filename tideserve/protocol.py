@@ -8,9 +8,10 @@ sizes, counts) and rejects other protocol versions in `Hello`. Nothing is ever p
 
 Who sends what:
     worker -> router     Hello, Heartbeat, Goodbye, TokenChunk, RequestFailed, MigrationDone,
-                         MigrationFailed
+                         MigrationFailed, HostReplica (the router forwards it to its host_id)
     router -> worker     PrefillRequest, GenerateRequest, AbortRequest, Welcome, Rejoin,
-                         SetLimits, SwitchRole, MigrateRequest, CancelMigration, ModuleCommand
+                         SetLimits, SwitchRole, MigrateRequest, CancelMigration, ModuleCommand,
+                         HostReplica
     prefill -> decode    KVBegin, KVLayer (+ tensor frame, or a shm notice), KVDone, KVAbort
     decode -> prefill    KVAck
     gloo/nccl pairs      KVPairOffer (sender -> receiver), KVDistLayer (a notice; the bytes go
@@ -139,18 +140,42 @@ class LayerReplica(msgspec.Struct, array_like=True, frozen=True):
     host_id: str  # the worker holding the replica's weights (itself, in one process)
     share: float
     num_seqs: int = 0  # sequences it computes now
+    # on the host's heartbeat: the worker whose layers these are ("" = the reporter's own)
+    head_id: str = ""
+    kv_bytes: int = 0  # the replica's KV cache (its layers x the head's pool), on the host
 
 
 class ModuleCommand(msgspec.Struct, tag="module_command", array_like=True, frozen=True):
     """Router -> an elastic worker (`--layer-stages`): change its layers between two steps.
     replicate: a replica of the stage [start, end) takes `share` of its sequences; unreplicate:
     the replica hands them back; migrate: layers [start, end) at a stage's edge move to the
-    neighbouring stage. The next Heartbeat's `layers`/`replicas` show the outcome."""
+    neighbouring stage. The next Heartbeat's `layers`/`replicas` show the outcome.
+    `target`: replicate onto that worker (a `HostReplica` handshake through the router) instead
+    of in this process; "" = here. unreplicate finds the replica wherever it is."""
 
     action: Literal["replicate", "unreplicate", "migrate"]
     start: int
     end: int
     share: float = 0.5
+    target: str = ""
+
+
+class HostReplica(msgspec.Struct, tag="host_replica", array_like=True, frozen=True):
+    """Hot worker -> router -> `host_id`: host a replica of the hot worker's layers [start, end)
+    (load only those, a KV cache of `num_kv_blocks`) and connect it to the hot worker's
+    `ReplicaLink` (`head_address`: control inbox, `head_kv_address`: KV receiver, over
+    `transport`). The replica says StageHello there; a StageClose from the hot worker (or its
+    silence) ends it."""
+
+    worker_id: str  # the hot worker (the sender; the router checks it)
+    host_id: str
+    start: int
+    end: int
+    share: float
+    num_kv_blocks: int
+    head_address: str
+    head_kv_address: str
+    transport: str = "tcp"
 
 
 class SetLimits(msgspec.Struct, tag="set_limits", array_like=True, frozen=True):
@@ -409,6 +434,7 @@ Message = (
     | SetLimits
     | SwitchRole
     | ModuleCommand
+    | HostReplica
     | MigrateRequest
     | CancelMigration
     | MigrationDone

@@ -148,7 +148,7 @@ def test_module_actions_go_to_the_router_admin_endpoint():
 def test_a_refused_module_action_is_logged_not_raised():
     a, policy, _, router = make()
     router.workers = [worker("w0", running=8), worker("w1")]
-    msg = {"error": {"message": "a replica on another worker is not supported yet"}}
+    msg = {"error": {"message": "target w1 already hosts a replica (for w2)"}}
 
     def refuse(path: str, body: dict | None = None) -> dict:
         if path.endswith("/modules"):

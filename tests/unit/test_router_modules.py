@@ -9,29 +9,45 @@ import asyncio
 import pytest
 
 from tests.unit.test_router import FakeWorker, router, tokenizer_dir, wait_ready  # noqa: F401
-from tideserve.protocol import Heartbeat, LayerReplica, ModuleCommand, encode
+from tideserve.protocol import Heartbeat, HostReplica, LayerReplica, ModuleCommand, encode
 
 pytestmark = pytest.mark.usefixtures("quiet_gc")
 
 
 class ElasticFake(FakeWorker):
-    """Two layer stages [0, 2) and [2, 4); carries out replicate/unreplicate as it hears them."""
+    """Two layer stages [0, 2) and [2, 4); carries out replicate/unreplicate as it hears them.
+    With a target it asks the router to have the target host the replica (HostReplica), as the
+    real worker does; a HostReplica it gets is listed as hosted until an unreplicate is seen by
+    its head (`hosted_by_others` is cleared by the test)."""
 
     def __init__(self, address: str, wid: str, layers=((0, 2), (2, 4))) -> None:
         super().__init__(address, wid, [1])
         self.layers = [tuple(r) for r in layers]
         self.replicas: list[LayerReplica] = []
+        self.hosted: list[LayerReplica] = []
+        self.host_asks: list[HostReplica] = []
 
     async def _beat(self) -> None:
         while True:
             for m in self.received:
                 if isinstance(m, ModuleCommand) and m.action == "replicate":
-                    self.replicas = [LayerReplica(m.start, m.end, self.wid, m.share, 0)]
+                    host = m.target or self.wid
+                    self.replicas = [LayerReplica(m.start, m.end, host, m.share, 0)]
+                    if m.target:
+                        ask = HostReplica(self.wid, m.target, m.start, m.end, m.share, 100,
+                                          "tcp://h:1", "tcp://h:2")  # fmt: skip
+                        await self.sock.send_multipart(encode(ask))
                 elif isinstance(m, ModuleCommand) and m.action == "unreplicate":
                     self.replicas = []
-            self.received = [m for m in self.received if not isinstance(m, ModuleCommand)]
+                elif isinstance(m, HostReplica):
+                    self.host_asks.append(m)
+                    self.hosted = [LayerReplica(m.start, m.end, self.wid, m.share, 0,
+                                                m.worker_id, 4096)]  # fmt: skip
+            self.received = [
+                m for m in self.received if not isinstance(m, (ModuleCommand, HostReplica))
+            ]
             hb = Heartbeat(self.wid, "ready", 0, 0, 0, 0, 1000, layers=self.layers,
-                           replicas=self.replicas)  # fmt: skip
+                           replicas=self.replicas + self.hosted)  # fmt: skip
             await self.sock.send_multipart(encode(hb))
             await asyncio.sleep(0.05)
 
@@ -129,3 +145,63 @@ async def test_a_worker_without_layer_stages_is_409(tokenizer_dir):  # noqa: F81
             assert not any(isinstance(m, ModuleCommand) for m in plain.received)
         finally:
             await plain.close()
+
+
+async def test_replicate_onto_another_worker_goes_through_the_router(tokenizer_dir):  # noqa: F811
+    """The hot worker gets the command with its target, its HostReplica reaches the target
+    through the router, and /cluster shows the replica on both; the 409 rules for targets."""
+    async with router(tokenizer_dir) as (_, client, addr):
+        hot, spare, third = ElasticFake(addr, "hot"), ElasticFake(addr, "spare"), None
+        plain = FakeWorker(addr, "w0", [1])
+        for w in (hot, spare, plain):
+            await w.start()
+        try:
+            await wait_ready(client)
+            for wid in ("hot", "spare", "w0"):
+                await _until(client, wid, lambda j: True)
+            url = "/admin/workers/hot/modules"
+            for body, word in [
+                ({"action": "replicate", "layers": [2, 4], "target": "nope"}, "not a registered"),
+                ({"action": "replicate", "layers": [0, 2], "target": "spare"}, "layer 0"),
+                ({"action": "migrate", "layers": [1, 2], "target": "spare"}, "no target"),
+            ]:
+                r = await client.post(url, json=body)
+                assert r.status == 409, await r.text()
+                assert word in (await r.json())["error"]["message"]
+            r = await client.post(url, json={"action": "replicate", "layers": [2, 4], "target": 3})
+            assert r.status == 400 and (await r.json())["error"]["param"] == "target"
+            assert not any(isinstance(m, ModuleCommand) for m in hot.received)
+
+            body = {"action": "replicate", "layers": [2, 4], "share": 0.25, "target": "spare"}
+            r = await client.post(url, json=body)
+            assert r.status == 200, await r.text()
+            got = await _until(client, "hot", lambda j: j["replicas"])
+            assert got["replicas"] == [{"layers": [2, 4], "host": "spare", "share": 0.25,
+                                        "seqs": 0}]  # fmt: skip
+            on_spare = await _until(client, "spare", lambda j: j["replicas"])
+            want = {"layers": [2, 4], "host": "spare", "share": 0.25, "seqs": 0, "for": "hot"}
+            assert on_spare["replicas"] == [{**want, "kv_bytes": 4096}]
+            (ask,) = spare.host_asks
+            assert (ask.worker_id, ask.start, ask.end, ask.num_kv_blocks) == ("hot", 2, 4, 100)
+
+            # the spare hosts one already; a hosted replica is not the spare's own
+            third = ElasticFake(addr, "third")
+            await third.start()
+            await _until(client, "third", lambda j: j["layers"])
+            r = await client.post("/admin/workers/third/modules", json=body)
+            assert r.status == 409 and "already hosts" in (await r.json())["error"]["message"]
+            r = await client.post("/admin/workers/spare/modules",
+                                  json={"action": "unreplicate", "layers": [2, 4]})  # fmt: skip
+            assert r.status == 409 and "no replica" in (await r.json())["error"]["message"]
+            # unreplicate naming the wrong host is refused; naming the right one goes to hot
+            r = await client.post(url, json={"action": "unreplicate", "layers": [2, 4],
+                                             "target": "w0"})  # fmt: skip
+            assert r.status == 409 and "is on spare" in (await r.json())["error"]["message"]
+            r = await client.post(url, json={"action": "unreplicate", "layers": [2, 4],
+                                             "target": "spare"})  # fmt: skip
+            assert r.status == 200
+            await _until(client, "hot", lambda j: not j["replicas"])
+        finally:
+            for w in (hot, spare, plain, third):
+                if w is not None:
+                    await w.close()

@@ -29,6 +29,7 @@ from tideserve.protocol import (
     AbortRequest,
     CancelMigration,
     GenerateRequest,
+    HostReplica,
     MigrateRequest,
     ModuleCommand,
     RequestFailed,
@@ -80,8 +81,12 @@ class DecodeWorker:
         if hasattr(engine.runner, "replicas"):  # an elastic engine (--layer-stages)
             from tideserve.roles.modules import ModuleController
 
-            self.modules = ModuleController(engine, self.wid)
+            self.modules = ModuleController(engine, self.wid, link.send)
             handlers[ModuleCommand] = self.modules.handle_module_command
+        from tideserve.roles.modules import ReplicaHost
+
+        self.hosting = ReplicaHost(cfg.engine, self.wid)  # replicas of other workers' layers
+        handlers[HostReplica] = self.hosting.handle_host_replica
         self.loop = WorkerLoop(
             cfg,
             link,
@@ -161,6 +166,8 @@ class DecodeWorker:
             self._fail_import(rid, "KV transfer timed out")
         self.sink.expire(now)
         self.migration.poll()
+        if self.modules is not None:
+            self.modules.poll()  # a remote replica's hello: attach it between steps
         for rid, t in list(self.aborted.items()):
             if now - t > ABORTED_TTL_S:
                 del self.aborted[rid]
@@ -257,4 +264,7 @@ class DecodeWorker:
             hb = msgspec.structs.replace(hb, **self.phases.report())
         if self.modules is not None:
             hb = msgspec.structs.replace(hb, **self.modules.report())
+        hosted = self.hosting.report()
+        if hosted:
+            hb = msgspec.structs.replace(hb, replicas=[*hb.replicas, *hosted])
         return hb

@@ -409,9 +409,12 @@ def serve_replica(
     head_kv_address: str,
     transport: str = "tcp",
     worker_id: str = "replica-1",
+    on_ready=None,
 ) -> None:
     """A replica process's body: load only layers [start, end) with a KV cache of `num_blocks`
-    (the head's pool), say hello, serve until closed. Exits 1 if it still held sequences."""
+    (the head's pool), say hello, serve until closed. Exits 1 if it still held sequences.
+    Also runs on a thread of a worker (`roles/modules.py`'s `ReplicaHost`): `on_ready(server)`
+    is called with the `ReplicaServer` before the hello."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     path = resolve_model_path(config.model)
@@ -429,6 +432,8 @@ def serve_replica(
         head_address, head_kv_address, worker_id,
     )  # fmt: skip
     try:
+        if on_ready is not None:
+            on_ready(server)
         server.hello()
         server.serve()
     finally:
