@@ -297,8 +297,20 @@ class Router:
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         action = body.get("action")
+        if action in ("drop", "restore"):  # KunServe: a pair of workers, no layers needed
+            partner = body.get("target")
+            if not isinstance(partner, str) or not partner or partner == wid:
+                raise ApiError(400, f"{action} needs target: the partner worker's id",
+                               param="target")  # fmt: skip
+            try:
+                sent = self.cluster.drop_layers(wid, partner, action == "drop")
+            except ValueError as e:
+                raise ApiError(409, str(e), "conflict_error") from None
+            return web.json_response({"id": wid, "action": action, "target": partner,
+                                      "layers": sent, "status": "sent"})  # fmt: skip
         if action not in ("replicate", "unreplicate", "migrate"):
-            raise ApiError(400, "action must be replicate, unreplicate or migrate", param="action")
+            raise ApiError(400, "action must be replicate, unreplicate, migrate, drop or restore",
+                           param="action")  # fmt: skip
         layers, share = body.get("layers"), body.get("share", 0.5)
         if (
             not isinstance(layers, list)

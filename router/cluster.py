@@ -629,6 +629,38 @@ class Cluster:
             _check_replica_host(self.workers.get(cmd.target), cmd.target, worker_id)
         self._send(worker_id, cmd)
 
+    def drop_layers(self, wid: str, partner: str, drop: bool = True) -> dict[str, list[int]]:
+        """Parameter dropping (KunServe) over two elastic workers with the same two stages:
+        `wid` keeps the first stage, `partner` the second, each runs the other's half as a
+        replica on its partner (drop); or both take their dropped half back (restore).
+        ValueError (409) unless the last heartbeats show the pair can. The layers each keeps."""
+        w = self.workers[wid]
+        p = self.workers.get(partner)
+        if p is None:
+            raise ValueError(f"target {partner} is not a registered worker")
+        for x in (w, p):
+            if x.effective_state != "ready" or x.stats is None:
+                raise ValueError(f"worker {x.worker_id} is not ready ({x.effective_state})")
+        lw = [tuple(r) for r in w.stats.layers]
+        lp = [tuple(r) for r in p.stats.layers]
+        if drop:
+            if len(lw) != 2 or lw != lp:
+                raise ValueError(f"drop needs two workers with the same two layer stages; "
+                                 f"{wid} has {lw}, {partner} has {lp}")  # fmt: skip
+            if w.stats.replicas or p.stats.replicas:
+                raise ValueError("drop needs both workers without replicas (own or hosted)")
+            keep = {wid: lw[0], partner: lw[1]}
+        else:
+            halves = sorted(lw + lp)
+            if len(lw) != 1 or len(lp) != 1 or halves[0][0] != 0 or halves[0][1] != halves[1][0]:
+                raise ValueError(f"restore needs {wid} and {partner} dropped as a pair; "
+                                 f"they have {lw} and {lp}")  # fmt: skip
+            keep = {wid: lw[0], partner: lp[0]}
+        for x, other in ((wid, partner), (partner, wid)):
+            a, b = keep[x]
+            self._send(x, ModuleCommand("drop" if drop else "restore", a, b, 1.0, other))
+        return {x: list(r) for x, r in keep.items()}
+
     def handle_host_replica(self, msg: HostReplica) -> None:
         """The hot worker's half of a replica on another worker: pass it to the host."""
         if msg.host_id not in self.workers:

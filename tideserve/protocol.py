@@ -151,9 +151,13 @@ class ModuleCommand(msgspec.Struct, tag="module_command", array_like=True, froze
     the replica hands them back; migrate: layers [start, end) at a stage's edge move to the
     neighbouring stage. The next Heartbeat's `layers`/`replicas` show the outcome.
     `target`: replicate onto that worker (a `HostReplica` handshake through the router) instead
-    of in this process; "" = here. unreplicate finds the replica wherever it is."""
+    of in this process; "" = here. unreplicate finds the replica wherever it is.
+    drop (KunServe, across two workers): keep only the stage [start, end) and run the other
+    stage as a replica (share 1.0) hosted by `target` on its own copy of those layers; the freed
+    weight bytes join the KV pool. restore: reload the dropped stage, take its KV back, close
+    the link to `target`. The router sends both workers of the pair their command."""
 
-    action: Literal["replicate", "unreplicate", "migrate"]
+    action: Literal["replicate", "unreplicate", "migrate", "drop", "restore"]
     start: int
     end: int
     share: float = 0.5
@@ -176,6 +180,8 @@ class HostReplica(msgspec.Struct, tag="host_replica", array_like=True, frozen=Tr
     head_address: str
     head_kv_address: str
     transport: str = "tcp"
+    # drop: compute with the host's own weights of [start, end) (one of its stages): no load
+    reuse: bool = False
 
 
 class SetLimits(msgspec.Struct, tag="set_limits", array_like=True, frozen=True):

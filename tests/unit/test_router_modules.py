@@ -108,7 +108,9 @@ async def test_cluster_shows_layers_and_replicas_and_admin_changes_them(tokenize
     [
         ([1, 2], None),
         ({"layers": [0, 2]}, "action"),
-        ({"action": "drop", "layers": [0, 2]}, "action"),
+        ({"action": "shrink", "layers": [0, 2]}, "action"),
+        ({"action": "drop", "layers": [0, 2]}, "target"),  # drop/restore need a partner
+        ({"action": "restore", "target": "e0"}, "target"),  # not itself
         ({"action": "replicate"}, "layers"),
         ({"action": "replicate", "layers": [2, 2]}, "layers"),
         ({"action": "replicate", "layers": [0, 2.0]}, "layers"),

@@ -226,6 +226,8 @@ class ElasticRunner(PipelineRunner):
             rows = [r for _, rs, _ in side for r in rs]
             sample_rows = [s for _, _, s in side if s is not None]
             x = None if hidden is None else hidden[torch.tensor(rows)]
+            if x is None and runner is rep.stage and hasattr(runner, "submit"):
+                x = _token_ids(items)  # a first stage in another process: its ids go over
             hook = layer_hook if runner is stage else None
             if self._pool is not None and runner is rep.stage:
                 fut = self._pool.submit(runner.forward, sub, x, hook)
@@ -258,8 +260,6 @@ class ElasticRunner(PipelineRunner):
             remote.layers != stage.layers or remote.num_kv_blocks < stage.kv.num_blocks
         ):
             raise ValueError(f"remote replica {remote.layers} does not fit stage {stage.layers}")
-        if remote is not None and stage.layers.is_first:
-            raise ValueError("a remote replica needs hidden states in: not the first stage")
         rep_stage = remote or self.factory.stage(stage.layers, stage.kv.num_blocks)
         rep = Replica(rep_stage, share)
         live = [s for s in seqs if s.block_table and not s.is_finished]
@@ -321,6 +321,12 @@ class ElasticRunner(PipelineRunner):
         self.stages[src], self.stages[dst] = new_s, new_d
         self.kv, self.sampler = self.stages[0].kv, self.stages[-1].sampler
         return moved
+
+
+def _token_ids(items) -> torch.Tensor:
+    """The token ids [T] of scheduled items, in their order (a remote first stage's input)."""
+    ids = [t for it in items for t in it.seq.token_slice(it.start, it.start + it.num_tokens)]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 class _Done:

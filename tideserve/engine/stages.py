@@ -186,8 +186,9 @@ class Stage:
     ) -> torch.Tensor:
         """The range's output for one step: [T, hidden] hidden states, or on the last stage
         [N, vocab] logits of the rows that sample. `hidden`: the previous stage's output."""
-        ids, positions, batch, logits_idx = self.runner.prepare(plan, self.layers.is_first)
-        x = ids if self.layers.is_first else hidden
+        with_ids = self.layers.is_first and hidden is None  # a remote first stage: ids sent in
+        ids, positions, batch, logits_idx = self.runner.prepare(plan, with_ids)
+        x = ids if with_ids else hidden
         return self.model(x, positions, self.kv.tensor, batch, logits_idx, layer_hook)
 
     def sample(self, plan: SchedulerOutput, logits: torch.Tensor):

@@ -85,7 +85,7 @@ class DecodeWorker:
             handlers[ModuleCommand] = self.modules.handle_module_command
         from tideserve.roles.modules import ReplicaHost
 
-        self.hosting = ReplicaHost(cfg.engine, self.wid)  # replicas of other workers' layers
+        self.hosting = ReplicaHost(cfg.engine, self.wid, engine)  # other workers' layers
         handlers[HostReplica] = self.hosting.handle_host_replica
         self.loop = WorkerLoop(
             cfg,

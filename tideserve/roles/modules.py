@@ -78,6 +78,7 @@ class ModuleController:
         self.send = send  # to the router (HostReplica); None: no replicas on other workers
         self.hello_timeout_s = hello_timeout_s
         self.pending: dict[int, tuple] = {}  # stage -> (link, share, deadline): awaiting hello
+        self.dropped: Dropped | None = None  # parameter dropping: the stage run by the partner
 
     def handle_module_command(self, msg: ModuleCommand) -> None:
         try:
@@ -90,7 +91,11 @@ class ModuleController:
     def _apply(self, msg: ModuleCommand) -> None:
         ranges = self._layers()
         seqs = list(self.engine.seqs.values())
-        if msg.action == "replicate" and msg.target not in ("", self.wid):
+        if msg.action == "drop":
+            self._drop(msg)
+        elif msg.action == "restore":
+            self._restore()
+        elif msg.action == "replicate" and msg.target not in ("", self.wid):
             self._ask_host(ranges.index((msg.start, msg.end)), msg)
         elif msg.action == "replicate":
             self.runner.replicate(ranges.index((msg.start, msg.end)), seqs, msg.share)
@@ -116,7 +121,6 @@ class ModuleController:
     def _ask_host(self, i: int, msg: ModuleCommand) -> None:
         """Binds a link for a replica of stage i on `msg.target` and asks it (through the
         router) to host one; `poll` attaches it when its hello comes."""
-        from tideserve.roles.replica import ReplicaLink
 
         stage = self.runner.stages[i]
         if self.send is None:
@@ -125,14 +129,131 @@ class ModuleController:
             raise ValueError(f"stage {i} already has a replica")
         if stage.layers.is_first:
             raise ValueError("a remote replica needs hidden states in: not the first stage")
+        self._host(i, msg.target, msg.share, stage.kv.num_blocks)
+
+    def _host(self, i: int, target: str, share: float, nb: int, reuse: bool = False) -> None:
+        from tideserve.roles.replica import ReplicaLink
+
         link = ReplicaLink("tcp", head_id=self.wid)
-        r = stage.layers
-        self.pending[i] = (link, msg.share, time.monotonic() + self.hello_timeout_s)
-        nb = stage.kv.num_blocks
-        ask = HostReplica(self.wid, msg.target, r.start, r.end, msg.share, nb, link.address,
-                          link.kv_address, "tcp")  # fmt: skip
+        r = self.runner.stages[i].layers
+        self.pending[i] = (link, share, time.monotonic() + self.hello_timeout_s)
+        ask = HostReplica(self.wid, target, r.start, r.end, share, nb, link.address,
+                          link.kv_address, "tcp", reuse)  # fmt: skip
         self.send(ask)
-        log.info("asked %s to host a replica of layers [%d, %d)", msg.target, r.start, r.end)
+        log.info("asked %s to host a replica of layers [%d, %d)", target, r.start, r.end)
+
+    # -- parameter dropping (KunServe) across two workers ----------------------------------------
+
+    def _drop(self, msg: ModuleCommand) -> None:
+        """Keeps the stage [start, end); the other stage becomes a replica with share 1.0 on
+        `msg.target` (the partner, computing with its own weights of that range: `reuse`). When
+        it says hello (`poll`), every live sequence's KV of the dropped layers is copied to it,
+        this worker frees its copy of those weights and its pool grows by the blocks (of all
+        layers) that the freed bytes buy: `Dropped.extra`."""
+        from tideserve.engine.elastic import weight_bytes
+
+        ranges = self._layers()
+        if self.dropped is not None or self.runner.replicas or self.pending:
+            raise ValueError("already dropped, or a replica is on or pending")
+        if len(ranges) != 2 or (msg.start, msg.end) not in ranges:
+            raise ValueError(f"drop keeps one of two stages; this worker has {ranges}")
+        if msg.target in ("", self.wid) or self.send is None:
+            raise ValueError("drop needs a partner worker")
+        i = 1 - ranges.index((msg.start, msg.end))
+        f, stage = self.runner.factory, self.runner.stages[i]
+        freed = weight_bytes(stage.model)
+        extra = f.num_blocks(f.range(0, f.cfg.num_layers), freed)
+        nb0 = stage.kv.num_blocks
+        self.dropped = Dropped(i, msg.target, nb0, extra, freed)
+        self._host(i, msg.target, 1.0, nb0 + extra, reuse=True)
+
+    def _finish_drop(self) -> None:
+        """The partner runs the dropped stage for every sequence: free its weights and KV here
+        (the stage keeps a weightless shell on the meta device), grow the kept stage's cache
+        and the block pool (new block ids after the old ones: no block moves)."""
+        import torch
+
+        from tideserve.engine.stages import StageModel
+
+        d, f = self.dropped, self.runner.factory
+        gone = self.runner.stages[d.stage]
+        with torch.device("meta"):
+            shell = StageModel(f.cfg, 1, gone.layers)
+        _swap(gone, shell, f.kv(gone.layers, 1))
+        kept = self.runner.stages[1 - d.stage]
+        kv = f.kv(kept.layers, d.nb0 + d.extra)
+        kv.tensor[:, :, :, : kept.kv.tensor.shape[3]].copy_(kept.kv.tensor)
+        _swap(kept, kept.model, kv)
+        self.runner.kv = self.runner.stages[0].kv
+        pool = self.engine.scheduler.pool
+        pool._free.extend(range(pool.num_blocks, pool.num_blocks + d.extra))
+        pool.num_blocks += d.extra
+        d.attached = True
+        log.info("dropped layers %s (%d bytes): pool %d -> %d blocks", gone.layers, d.freed,
+                 d.nb0, pool.num_blocks)  # fmt: skip
+
+    def _restore(self) -> None:
+        """Reloads the dropped layers (only those), copies every live sequence's KV of them
+        back from the partner, closes the link, then shrinks the pool to its size before the
+        drop: a sequence holding blocks past it is moved to free lower blocks (KV copied in
+        this process), or, with no room, preempted (recomputed later)."""
+        d = self.dropped
+        if d is None:
+            raise ValueError("no layers are dropped")
+        self.dropped = None
+        if not d.attached:  # no hello yet: nothing was dropped
+            if d.stage in self.pending:
+                self.pending.pop(d.stage)[0].close()
+            return
+        f, r = self.runner.factory, self.runner
+        stage = r.stages[d.stage]
+        nb = self.engine.scheduler.pool.num_blocks
+        _swap(stage, f.model(stage.layers), f.kv(stage.layers, nb))
+        rep = r.replicas[d.stage]
+        r.unreplicate(d.stage)  # the KV of the dropped layers comes back
+        rep.stage.close()
+        rep.stage.link.close()
+        self._shrink(d.nb0)
+        log.info("restored layers %s from %s", stage.layers, d.partner)
+
+    def _shrink(self, nb0: int) -> None:
+        sched = self.engine.scheduler
+        pool, bs = sched.pool, sched.pool.block_size
+        stages = self.runner.stages
+        low = [b for b in pool._free if b < nb0]
+        for seq in list(self.engine.seqs.values()):
+            high = [k for k, b in enumerate(seq.block_table) if b >= nb0]
+            if not high:
+                continue
+            if len(high) <= len(low) or seq not in sched.running:
+                for k in high[: len(low)]:
+                    src, dst = seq.block_table[k], low.pop()
+                    for st in stages:
+                        t = st.kv.tensor
+                        t[:, :, :, dst * bs : (dst + 1) * bs] = t[
+                            :, :, :, src * bs : (src + 1) * bs
+                        ]
+                    pool._used.discard(src)
+                    pool._used.add(dst)
+                    pool._free.remove(dst)
+                    pool._free.append(src)
+                    seq.block_table[k] = dst
+                continue
+            sched.running.remove(seq)  # no room below nb0: recompute it later
+            sched.release(seq)
+            seq.num_computed_tokens = 0
+            seq.num_preemptions += 1
+            sched.add(seq)
+        if any(b >= nb0 for b in pool._used):
+            log.warning("blocks past %d still in use: the pool stays at %d", nb0, pool.num_blocks)
+            return
+        pool._free = type(pool._free)(b for b in pool._free if b < nb0)
+        pool.num_blocks = nb0
+        for st in stages:
+            kv = self.runner.factory.kv(st.layers, nb0)
+            kv.tensor.copy_(st.kv.tensor[:, :, :, : nb0 * bs])
+            _swap(st, st.model, kv)
+        self.runner.kv = stages[0].kv
 
     def poll(self) -> None:
         """Between steps: attaches a remote replica whose hello came (its sequences' KV of the
@@ -162,9 +283,14 @@ class ModuleController:
                 link.close()
                 continue
             log.info("replica of stage %d on %s attached", i, hello.worker_id)
+            if self.dropped is not None and self.dropped.stage == i:
+                self._finish_drop()
 
-    def _layers(self) -> list[tuple[int, int]]:
-        return [(s.layers.start, s.layers.end) for s in self.runner.stages]
+    def _layers(self, all_stages: bool = True) -> list[tuple[int, int]]:
+        d = self.dropped
+        gone = d.stage if d is not None and d.attached and not all_stages else None
+        return [(s.layers.start, s.layers.end) for k, s in enumerate(self.runner.stages)
+                if k != gone]  # fmt: skip
 
     def _replicas(self) -> list[LayerReplica]:
         out = []
@@ -179,7 +305,27 @@ class ModuleController:
 
     def report(self) -> dict:
         """The heartbeat's `layers` and `replicas` fields."""
-        return {"layers": self._layers(), "replicas": self._replicas()}
+        return {"layers": self._layers(all_stages=False), "replicas": self._replicas()}
+
+
+class Dropped:
+    """A drop in progress or done: stage `stage` runs on `partner`."""
+
+    def __init__(self, stage: int, partner: str, nb0: int, extra: int, freed: int) -> None:
+        self.stage, self.partner, self.nb0, self.extra, self.freed = (
+            stage,
+            partner,
+            nb0,
+            extra,
+            freed,
+        )
+        self.attached = False  # the partner said hello and the weights are freed
+
+
+def _swap(stage, model, kv) -> None:
+    """Replaces a stage's model and KV cache in place (its sampler, with its state, stays)."""
+    stage.model = stage.runner.model = model
+    stage.kv = stage.runner.kv = kv
 
 
 class ReplicaHost:
@@ -187,21 +333,31 @@ class ReplicaHost:
     (`serve_replica`: its own weights for the range and a KV cache of the hot worker's pool
     size, both counted here). Any decode or colocated worker can host one."""
 
-    def __init__(self, config, worker_id: str) -> None:
+    def __init__(self, config, worker_id: str, engine=None) -> None:
         self.config = config  # EngineConfig: the same checkpoint as the hot worker's
         self.wid = worker_id
+        self.engine = engine  # its own elastic engine: `reuse` computes with its stages' weights
         self.hosted: list[tuple[HostReplica, threading.Thread, list]] = []
 
     def handle_host_replica(self, msg: HostReplica) -> None:
         from tideserve.roles.replica import serve_replica
 
         servers: list = []  # the ReplicaServer, once loaded
+        model = None
+        if msg.reuse:  # parameter dropping: the partner's layers are one of this worker's stages
+            stages = getattr(getattr(self.engine, "runner", None), "stages", [])
+            want = (msg.start, msg.end)
+            model = next((s.model for s in stages if (s.layers.start, s.layers.end) == want), None)
+            if model is None:
+                log.warning("cannot host %s's layers [%d, %d) with own weights: no such stage",
+                            msg.worker_id, msg.start, msg.end)  # fmt: skip
+                return
 
         def body() -> None:
             try:
                 serve_replica(self.config, msg.start, msg.end, msg.num_kv_blocks,
                               msg.head_address, msg.head_kv_address, msg.transport, self.wid,
-                              on_ready=servers.append)  # fmt: skip
+                              on_ready=servers.append, model=model)  # fmt: skip
             except BaseException as e:  # noqa: BLE001 - a thread: log, never take the worker down
                 log.warning("replica of %s's layers [%d, %d) ended: %r",
                             msg.worker_id, msg.start, msg.end, e)  # fmt: skip

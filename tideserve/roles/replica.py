@@ -21,8 +21,9 @@ offloaded to it.
 
 The replica runs control messages strictly in the order they came (a step or a KV import
 waits for its tensors), so a step never reads KV that has not been imported yet. Blocks live in
-the head's pool only: the replica cannot leak one. A first stage cannot be replicated remotely
-(its input is token ids, which the replica does not hold).
+the head's pool only: the replica cannot leak one. A replica that loads its layers cannot be a
+first stage; one over weights the host already holds (`serve_replica(model=)`, parameter
+dropping) can: the head then sends the rows' token ids (int64) instead of hidden states.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from tideserve.engine.loader import resolve_dtype
 from tideserve.engine.model_config import ModelConfig
 from tideserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tideserve.engine.sequence import Sequence
-from tideserve.engine.stages import LayerRange, Stage, build_stage
+from tideserve.engine.stages import LayerRange, Stage, build_stage, stage_config
 from tideserve.protocol import (
     PROTOCOL_VERSION,
     KVBegin,
@@ -410,11 +411,14 @@ def serve_replica(
     transport: str = "tcp",
     worker_id: str = "replica-1",
     on_ready=None,
+    model=None,
 ) -> None:
     """A replica process's body: load only layers [start, end) with a KV cache of `num_blocks`
     (the head's pool), say hello, serve until closed. Exits 1 if it still held sequences.
     Also runs on a thread of a worker (`roles/modules.py`'s `ReplicaHost`): `on_ready(server)`
-    is called with the `ReplicaServer` before the hello."""
+    is called with the `ReplicaServer` before the hello. `model`: a `StageModel` of exactly
+    [start, end) this process already holds (parameter dropping: the host's own stage), used
+    instead of loading; then a first stage is allowed (the head sends token ids in)."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     path = resolve_model_path(config.model)
@@ -422,10 +426,17 @@ def serve_replica(
     device = resolve_device(config.device)
     resolve_dtype(config.dtype, cfg, device)
     layers = LayerRange(start, end, cfg.num_layers)
-    if layers.is_first:
-        raise ValueError("a remote replica needs hidden states in: not the first stage")
-    max_len = config.max_model_len or cfg.max_context
-    stage = build_stage(config, cfg, path, layers, num_blocks, device, max_len)
+    if model is not None:
+        if model.layer_range != layers:
+            raise ValueError(f"the host's {model.layer_range} is not layers [{start}, {end})")
+        dtype = next(model.parameters()).dtype
+        kv = KVCache(stage_config(cfg, layers), num_blocks, config.block_size, dtype, device)
+        stage = Stage(model, kv, device)
+    else:
+        if layers.is_first:
+            raise ValueError("a remote replica needs hidden states in: not the first stage")
+        max_len = config.max_model_len or cfg.max_context
+        stage = build_stage(config, cfg, path, layers, num_blocks, device, max_len)
     ctx = zmq.Context.instance()
     server = ReplicaServer(
         stage, make_receiver(transport, ctx), make_sender(transport, ctx), ZmqLink(ctx),
