@@ -16,6 +16,9 @@ throughput  32 concurrent streaming clients, each a distinct 128-token prompt an
             output tokens (ignore_eos), greedy; output tok/s and TTFT p50/p90 per mode. The peer
             on this machine, llama.cpp's llama-server with 32 slots, gives ~266 output tok/s
             (p50 TTFT ~2.6 s) in bf16 and ~189 (~4.1 s) in f32 (shared/PEERS.md).
+            --peer-server PATH --peer-model GGUF adds llama.cpp's llama-server (32 slots, all
+            cores, continuous batching) as a third mode in the same rounds, with the same client
+            and prompts: the machine drifts, so the peer is measured beside us, not quoted.
 Modes run one after the other, alternating (A B A B) with --rounds. Each server gets the
 machine's cores split between its workers.
 """
@@ -27,7 +30,10 @@ import asyncio
 import json
 import os
 import random
+import socket
+import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -41,6 +47,44 @@ HERE = Path(__file__).resolve().parent
 
 def Serve(mode: str, dtype: str, extra: list[str]) -> ServeProcess:
     return ServeProcess("--mode", mode, "--dtype", dtype, *extra, capture=False)
+
+
+class LlamaServer:
+    """llama.cpp's llama-server on a free loopback port, for the same-run peer comparison."""
+
+    def __init__(self, binary: str, gguf: str, slots: int, ctx_per_slot: int) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [
+            binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(self.port),
+            "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(os.cpu_count() or 1),
+            "-cb", "--no-webui", "--log-disable",
+        ]  # fmt: skip
+
+    def __enter__(self) -> LlamaServer:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}")
+            time.sleep(0.5)
+        self.proc.kill()
+        raise TimeoutError("llama-server not ready in 120 s")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -69,10 +113,17 @@ def bench(kind: str, args) -> list[dict]:
         extra += ["--num-threads", str(os.cpu_count() or 1)]
     if args.per_device:
         extra += ["--num-threads", "1"]
+    modes = ["colocated", "disaggregated"]
+    if kind == "throughput" and args.peer_server:
+        modes.append("llama-server")
     for r in range(args.rounds):
-        for mode in ("colocated", "disaggregated"):
+        for mode in modes:
             workers = ["--decode", "2"] if args.per_device and mode == "colocated" else []
-            with Serve(mode, args.dtype, extra + workers) as srv:
+            if mode == "llama-server":
+                server = LlamaServer(args.peer_server, args.peer_model, 32, 128 + 128 + 16)
+            else:
+                server = Serve(mode, args.dtype, extra + workers)
+            with server as srv:
                 warm = prompts(2, 128, seed=999)
                 asyncio.run(run_load(srv.url, warm, 8, 2))
                 if kind == "latency":
@@ -93,7 +144,7 @@ def report(kind: str, rows: list[dict]) -> None:
 
     print("\n| mode | output tok/s | TTFT p50 | TTFT p90 | TPOT p50 | errors |")
     print("|---|---:|---:|---:|---:|---:|")
-    for mode in ("colocated", "disaggregated"):
+    for mode in dict.fromkeys(r["mode"] for r in rows):
         errs = sum(r["errors"] for r in rows if r["mode"] == mode)
         ttft50, ttft90 = med(mode, "ttft_p50_s") * 1e3, med(mode, "ttft_p90_s") * 1e3
         tpot = med(mode, "tpot_p50_s") * 1e3
@@ -101,6 +152,10 @@ def report(kind: str, rows: list[dict]) -> None:
         print(
             f"| {mode} | {tok_s:.1f} | {ttft50:.0f} ms | {ttft90:.0f} ms | {tpot:.1f} ms | {errs} |"
         )
+    if any(r["mode"] == "llama-server" for r in rows):
+        for mode in ("colocated", "disaggregated"):
+            ratio = med(mode, "output_tok_s") / med("llama-server", "output_tok_s")
+            print(f"\n{mode} output tok/s / llama-server's (same run, medians): {ratio:.2f}")
     if kind == "latency":
         ratio = med("disaggregated", "ttft_p50_s") / med("colocated", "ttft_p50_s")
         print(f"\ndisaggregated TTFT / colocated TTFT (p50): {ratio:.2f}")
@@ -117,6 +172,8 @@ def main() -> None:
     ap.add_argument("--max-batched", type=int, default=1024, help="--max-num-batched-tokens")
     ap.add_argument("--all-cores", action="store_true", help="latency: all cores to every worker")
     ap.add_argument("--per-device", action="store_true", help="two 1-thread workers in both modes")
+    ap.add_argument("--peer-server", help="throughput: a llama-server binary to run beside us")
+    ap.add_argument("--peer-model", help="the GGUF it serves (same weights and precision)")
     args = ap.parse_args()
     prepare_default_model()
     rows = bench(args.kind, args)
