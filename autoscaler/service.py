@@ -289,27 +289,31 @@ class Autoscaler:
         self._say(f"max_num_seqs of {a.worker_id} -> {a.max_num_seqs}: {a.reason}")
 
     def _change_modules(self, a) -> None:
-        """The `modules` policy's actions, through the router's /admin/workers/{id}/modules.
-        Dropping and restoring are not carried out yet: they need two workers' engines merged
-        into one pipeline across processes."""
+        """The `modules` policy's actions, through the router's /admin/workers/{id}/modules:
+        replicate/unreplicate for the hot worker with the spare one as `target`; drop/restore
+        for the pair's first worker with the second as `target` (the router sends both their
+        commands: the first keeps the first stage). A refusal is logged, not retried."""
         if isinstance(a, (DropLayers, RestoreLayers)):
             kind = "drop" if isinstance(a, DropLayers) else "restore"
-            log.warning("not carrying out %s of %s: not yet across processes", kind, a.worker_ids)
-            return
-        kind = "replicate" if isinstance(a, ReplicateLayers) else "unreplicate"
-        body = {"action": kind, "layers": [a.start, a.end], "target": a.target_id}
-        if isinstance(a, ReplicateLayers):
-            body["share"] = a.share
+            wid, target = a.worker_ids
+            body = {"action": kind, "target": target}
+            where = f"layers of {wid} and {target}"
+        else:
+            kind = "replicate" if isinstance(a, ReplicateLayers) else "unreplicate"
+            wid, target = a.worker_id, a.target_id
+            body = {"action": kind, "layers": [a.start, a.end], "target": target}
+            if isinstance(a, ReplicateLayers):
+                body["share"] = a.share
+            where = f"layers [{a.start}, {a.end}) of {wid} on {target}"
         try:
-            self.router.call(f"/admin/workers/{a.worker_id}/modules", body)
+            self.router.call(f"/admin/workers/{wid}/modules", body)
         except urllib.error.HTTPError as e:
-            log.warning("the router refused %s on %s: %s", kind, a.worker_id, _error_text(e))
+            log.warning("the router refused %s on %s: %s", kind, wid, _error_text(e))
             return
         except (OSError, urllib.error.URLError) as e:
-            log.warning("could not %s layers of %s: %s", kind, a.worker_id, e)
+            log.warning("could not %s layers of %s: %s", kind, wid, e)
             return
         self.metrics.actions.labels(kind, "").inc()
-        where = f"layers [{a.start}, {a.end}) of {a.worker_id} on {a.target_id}"
         self._say(f"{kind} {where}: {a.reason}")
 
     def _say(self, line: str) -> None:

@@ -290,8 +290,9 @@ class Router:
     async def admin_modules(self, request: web.Request) -> web.Response:
         """Changes an elastic worker's layers between two of its steps: {"action": "replicate"|
         "unreplicate"|"migrate", "layers": [start, end], "share": 0.5, "target": a worker id
-        (default: itself) to host the replica}. The worker's next heartbeat (on /cluster) shows
-        the result."""
+        (default: itself) to host the replica, or to move a whole stage to with migrate; an
+        unreplicate moves it back}, or {"action": "drop"|"restore", "target": the partner}. The
+        worker's next heartbeat (on /cluster) shows the result."""
         wid = self._worker(request)
         body = await _json(request)
         if not isinstance(body, dict):

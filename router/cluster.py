@@ -144,21 +144,21 @@ def _check_module_command(hb: Heartbeat | None, cmd: ModuleCommand, wid: str) ->
         raise ValueError(f"worker {wid} does not run layer stages (start it with --layer-stages)")
     own = {(r.start, r.end): r for r in hb.replicas if not r.head_id}  # not those it hosts
     want = (cmd.start, cmd.end)
-    if cmd.action == "replicate":
+    remote = bool(cmd.target) and cmd.target != wid
+    if cmd.action == "replicate" or (cmd.action == "migrate" and remote):
+        # migrate onto another worker: a share-1.0 replica there, then the local copy is freed
         if want not in layers:
-            raise ValueError(f"replicate takes a whole stage; worker {wid} has stages {layers}")
+            raise ValueError(f"{cmd.action} takes a whole stage; worker {wid} has stages {layers}")
         if want in own:
             raise ValueError(f"layers {list(want)} on worker {wid} already have a replica")
-        if cmd.target and cmd.start == 0:
-            raise ValueError("a replica on another worker needs hidden states in: not layer 0")
+        if remote and cmd.start == 0:
+            raise ValueError("layers on another worker need hidden states in: not layer 0")
     elif cmd.action == "unreplicate":
         if want not in own:
             raise ValueError(f"layers {list(want)} on worker {wid} have no replica")
         if cmd.target and own[want].host_id != cmd.target:
             raise ValueError(f"the replica of {list(want)} is on {own[want].host_id}, "
                              f"not {cmd.target}")  # fmt: skip
-    elif cmd.target:
-        raise ValueError("migrate moves layers within the worker: no target")
     else:
         at_edge = any(
             (a < cmd.start and cmd.end == b and i + 1 < len(layers))
@@ -625,7 +625,7 @@ class Cluster:
         it cannot do it (no layer stages, or no such stage/replica/edge)."""
         w = self.workers[worker_id]
         _check_module_command(w.stats, cmd, worker_id)
-        if cmd.action == "replicate" and cmd.target:
+        if cmd.action in ("replicate", "migrate") and cmd.target and cmd.target != worker_id:
             _check_replica_host(self.workers.get(cmd.target), cmd.target, worker_id)
         self._send(worker_id, cmd)
 

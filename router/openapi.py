@@ -553,7 +553,8 @@ def openapi_schema(max_body_bytes: int) -> dict:
                         "share": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
                         "target": {
                             "type": "string",
-                            "description": "the worker to host the replica (default: itself)",
+                            "description": "the worker to host the replica, or to move a "
+                            "migrated stage to (default: itself)",
                         },
                     },
                 },

@@ -151,7 +151,9 @@ class ModuleCommand(msgspec.Struct, tag="module_command", array_like=True, froze
     the replica hands them back; migrate: layers [start, end) at a stage's edge move to the
     neighbouring stage. The next Heartbeat's `layers`/`replicas` show the outcome.
     `target`: replicate onto that worker (a `HostReplica` handshake through the router) instead
-    of in this process; "" = here. unreplicate finds the replica wherever it is.
+    of in this process; "" = here. unreplicate finds the replica wherever it is. migrate with a
+    `target`: the whole stage [start, end) moves to that worker (a share-1.0 replica there, then
+    this worker frees its weights); an unreplicate of the range moves it back.
     drop (KunServe, across two workers): keep only the stage [start, end) and run the other
     stage as a replica (share 1.0) hosted by `target` on its own copy of those layers; the freed
     weight bytes join the KV pool. restore: reload the dropped stage, take its KV back, close

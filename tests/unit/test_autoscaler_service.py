@@ -11,7 +11,12 @@ import urllib.error
 
 from autoscaler.service import Autoscaler, AutoscalerConfig
 from tideserve.policy.autoscale import Bounds, ScaleTo, SetMaxBatch
-from tideserve.policy.modules import DropLayers, ReplicateLayers, UnreplicateLayers
+from tideserve.policy.modules import (
+    DropLayers,
+    ReplicateLayers,
+    RestoreLayers,
+    UnreplicateLayers,
+)
 
 
 class FakeRouter:
@@ -140,9 +145,13 @@ def test_module_actions_go_to_the_router_admin_endpoint():
     body = {"action": "unreplicate", "layers": [2, 4], "target": "w0"}
     assert ("/admin/workers/w0/modules", body) in router.calls
     policy.next = [DropLayers(("w0", "w1"), 15, "both short of KV")]
-    n = len(router.calls)
-    a.tick(now=3.0)  # not carried out across processes yet: nothing sent, nothing raised
-    assert [p for p, _ in router.calls[n:]] == ["/admin/stats"]
+    a.tick(now=3.0)  # sent for the first of the pair, the second as the partner
+    assert ("/admin/workers/w0/modules", {"action": "drop", "target": "w1"}) in router.calls
+    assert a.log[-1] == "drop layers of w0 and w1: both short of KV"
+    policy.next = [RestoreLayers(("w0", "w1"), "pressure gone")]
+    a.tick(now=4.0)
+    assert ("/admin/workers/w0/modules", {"action": "restore", "target": "w1"}) in router.calls
+    assert a.log[-1] == "restore layers of w0 and w1: pressure gone"
 
 
 def test_a_refused_module_action_is_logged_not_raised():
@@ -161,3 +170,6 @@ def test_a_refused_module_action_is_logged_not_raised():
     policy.next = [ReplicateLayers("w0", "w1", 2, 4, 0.5, "hot")]
     assert a.tick(now=1.0) is not None
     assert not any(line.startswith("replicate") for line in a.log)
+    policy.next = [DropLayers(("w0", "w1"), 2, "short"), RestoreLayers(("w0", "w1"), "calm")]
+    assert a.tick(now=2.0) is not None  # both refused: logged, not raised
+    assert not any(line.startswith(("drop", "restore")) for line in a.log)

@@ -26,9 +26,11 @@ class ElasticFake(FakeWorker):
         self.replicas: list[LayerReplica] = []
         self.hosted: list[LayerReplica] = []
         self.host_asks: list[HostReplica] = []
+        self.commands: list[ModuleCommand] = []
 
     async def _beat(self) -> None:
         while True:
+            self.commands += [m for m in self.received if isinstance(m, ModuleCommand)]
             for m in self.received:
                 if isinstance(m, ModuleCommand) and m.action == "replicate":
                     host = m.target or self.wid
@@ -165,7 +167,9 @@ async def test_replicate_onto_another_worker_goes_through_the_router(tokenizer_d
             for body, word in [
                 ({"action": "replicate", "layers": [2, 4], "target": "nope"}, "not a registered"),
                 ({"action": "replicate", "layers": [0, 2], "target": "spare"}, "layer 0"),
-                ({"action": "migrate", "layers": [1, 2], "target": "spare"}, "no target"),
+                ({"action": "migrate", "layers": [1, 2], "target": "spare"}, "whole stage"),
+                ({"action": "migrate", "layers": [0, 2], "target": "spare"}, "layer 0"),
+                ({"action": "migrate", "layers": [2, 4], "target": "nope"}, "not a registered"),
             ]:
                 r = await client.post(url, json=body)
                 assert r.status == 409, await r.text()
@@ -203,6 +207,18 @@ async def test_replicate_onto_another_worker_goes_through_the_router(tokenizer_d
                                              "target": "spare"})  # fmt: skip
             assert r.status == 200
             await _until(client, "hot", lambda j: not j["replicas"])
+            # migrate a whole stage onto another worker: the same checks (spare still hosts)
+            mig = {"action": "migrate", "layers": [2, 4], "target": "spare"}
+            r = await client.post(url, json=mig)
+            assert r.status == 409 and "already hosts" in (await r.json())["error"]["message"]
+            r = await client.post(url, json={**mig, "target": "third"})
+            assert r.status == 200, await r.text()
+            for _ in range(100):
+                if any(m.action == "migrate" for m in hot.commands):
+                    break
+                await asyncio.sleep(0.02)
+            (m,) = [m for m in hot.commands if m.action == "migrate"]
+            assert (m.start, m.end, m.target) == (2, 4, "third")
         finally:
             for w in (hot, spare, plain, third):
                 if w is not None:

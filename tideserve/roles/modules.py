@@ -22,6 +22,11 @@ Onto another worker (`ModuleCommand.target`), a handshake through the router:
     StageClose                       -------------------------->   the thread ends; its
                                                                    heartbeat drops the replica
 
+Migration onto another worker (`migrate` with a `target`, a whole stage that is not the first)
+is the same handshake with share 1.0: on the hello every live sequence's KV of the range is
+copied over, then this worker frees its weights and KV of it (a weightless shell stays), so the
+target owns the range; `unreplicate` of the range reloads it here and brings the KV back.
+
 The hot worker gives up (and closes its link) when no hello comes within `hello_timeout_s`; the
 replica thread ends on its own when the hot worker goes quiet. The target's heartbeat lists what
 it hosts in `replicas` with `head_id` (whose layers) and `kv_bytes` (its cache's size).
@@ -79,6 +84,7 @@ class ModuleController:
         self.hello_timeout_s = hello_timeout_s
         self.pending: dict[int, tuple] = {}  # stage -> (link, share, deadline): awaiting hello
         self.dropped: Dropped | None = None  # parameter dropping: the stage run by the partner
+        self.moved: dict[int, bool] = {}  # migrated to another worker: stage -> weights freed
 
     def handle_module_command(self, msg: ModuleCommand) -> None:
         try:
@@ -96,11 +102,15 @@ class ModuleController:
         elif msg.action == "restore":
             self._restore()
         elif msg.action == "replicate" and msg.target not in ("", self.wid):
-            self._ask_host(ranges.index((msg.start, msg.end)), msg)
+            self._ask_host(ranges.index((msg.start, msg.end)), msg.target, msg.share)
+        elif msg.action == "migrate" and msg.target not in ("", self.wid):
+            self._migrate_out(ranges.index((msg.start, msg.end)), msg.target)
         elif msg.action == "replicate":
             self.runner.replicate(ranges.index((msg.start, msg.end)), seqs, msg.share)
         elif msg.action == "unreplicate":
             i = ranges.index((msg.start, msg.end))
+            if self.moved.pop(i, False):  # migrated away: reload it here, then the KV comes back
+                self._reload(i)
             if i in self.pending and i not in self.runner.replicas:  # no hello yet: give up
                 self.pending.pop(i)[0].close()
                 return
@@ -118,8 +128,8 @@ class ModuleController:
                 raise ValueError(f"layers [{msg.start}, {msg.end}) have no neighbouring stage")
             self.runner.migrate(src, dst, msg.start, msg.end, seqs)
 
-    def _ask_host(self, i: int, msg: ModuleCommand) -> None:
-        """Binds a link for a replica of stage i on `msg.target` and asks it (through the
+    def _ask_host(self, i: int, target: str, share: float) -> None:
+        """Binds a link for a replica of stage i on `target` and asks it (through the
         router) to host one; `poll` attaches it when its hello comes."""
 
         stage = self.runner.stages[i]
@@ -129,7 +139,40 @@ class ModuleController:
             raise ValueError(f"stage {i} already has a replica")
         if stage.layers.is_first:
             raise ValueError("a remote replica needs hidden states in: not the first stage")
-        self._host(i, msg.target, msg.share, stage.kv.num_blocks)
+        self._host(i, target, share, stage.kv.num_blocks)
+
+    # -- migration of a whole stage onto another worker ------------------------------------------
+
+    def _migrate_out(self, i: int, target: str) -> None:
+        """Moves stage i to `target`: a replica there with share 1.0 (it loads only those
+        layers; on its hello every live sequence's KV of them is copied over, `poll`), then this
+        worker frees its copy of the weights and KV (`_free_stage`): ownership has switched.
+        `unreplicate` of the range moves it back (`_reload`, then the KV returns)."""
+        if self.dropped is not None:
+            raise ValueError("layers are dropped: restore them first")
+        self._ask_host(i, target, 1.0)
+        self.moved[i] = False
+
+    def _free_stage(self, i: int) -> None:
+        """Stage i runs elsewhere for every sequence: a weightless shell on the meta device and
+        a one-block KV cache here (its sampler, with its state, stays)."""
+        import torch
+
+        from tideserve.engine.stages import StageModel
+
+        f, gone = self.runner.factory, self.runner.stages[i]
+        with torch.device("meta"):
+            shell = StageModel(f.cfg, 1, gone.layers)
+        _swap(gone, shell, f.kv(gone.layers, 1))
+        self.runner.kv = self.runner.stages[0].kv
+
+    def _reload(self, i: int) -> None:
+        """Stage i's weights again (only its layers, from the checkpoint) and a KV cache of the
+        pool's size, before `unreplicate` copies the live sequences' KV back into it."""
+        f, stage = self.runner.factory, self.runner.stages[i]
+        nb = self.engine.scheduler.pool.num_blocks
+        _swap(stage, f.model(stage.layers), f.kv(stage.layers, nb))
+        self.runner.kv = self.runner.stages[0].kv
 
     def _host(self, i: int, target: str, share: float, nb: int, reuse: bool = False) -> None:
         from tideserve.roles.replica import ReplicaLink
@@ -171,15 +214,9 @@ class ModuleController:
         """The partner runs the dropped stage for every sequence: free its weights and KV here
         (the stage keeps a weightless shell on the meta device), grow the kept stage's cache
         and the block pool (new block ids after the old ones: no block moves)."""
-        import torch
-
-        from tideserve.engine.stages import StageModel
-
         d, f = self.dropped, self.runner.factory
         gone = self.runner.stages[d.stage]
-        with torch.device("meta"):
-            shell = StageModel(f.cfg, 1, gone.layers)
-        _swap(gone, shell, f.kv(gone.layers, 1))
+        self._free_stage(d.stage)
         kept = self.runner.stages[1 - d.stage]
         kv = f.kv(kept.layers, d.nb0 + d.extra)
         kv.tensor[:, :, :, : kept.kv.tensor.shape[3]].copy_(kept.kv.tensor)
@@ -271,6 +308,7 @@ class ModuleController:
                 if time.monotonic() > deadline:
                     log.warning("no replica of stage %d said hello: giving up", i)
                     self.pending.pop(i)
+                    self.moved.pop(i, None)
                     link.close()
                 continue
             del self.pending[i]
@@ -281,16 +319,23 @@ class ModuleController:
                 log.warning("refusing the replica from %s: %s", hello.worker_id, e)
                 remote.close()
                 link.close()
+                self.moved.pop(i, None)
                 continue
             log.info("replica of stage %d on %s attached", i, hello.worker_id)
+            if i in self.moved:
+                self._free_stage(i)
+                self.moved[i] = True
+                log.info("layers %s migrated to %s", self.runner.stages[i].layers, hello.worker_id)
             if self.dropped is not None and self.dropped.stage == i:
                 self._finish_drop()
 
     def _layers(self, all_stages: bool = True) -> list[tuple[int, int]]:
         d = self.dropped
-        gone = d.stage if d is not None and d.attached and not all_stages else None
+        gone = set() if all_stages else {k for k, freed in self.moved.items() if freed}
+        if d is not None and d.attached and not all_stages:
+            gone.add(d.stage)
         return [(s.layers.start, s.layers.end) for k, s in enumerate(self.runner.stages)
-                if k != gone]  # fmt: skip
+                if k not in gone]  # fmt: skip
 
     def _replicas(self) -> list[LayerReplica]:
         out = []
