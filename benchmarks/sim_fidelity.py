@@ -1,13 +1,15 @@
 """Simulator fidelity on this machine: live `tideserve serve` + `tideserve bench` against
 `tideserve sim` with this machine's profile, on the same requests.
 
-    python benchmarks/sim_fidelity.py [--requests 40] [--time-scale 2] [--profile FILE]
+    python benchmarks/sim_fidelity.py [--requests 40] [--time-scale 3] [--profile FILE | --fresh]
 
 The first --requests requests of the Azure conversation trace (prompts clipped to 256 tokens,
 outputs to 64, arrivals x --time-scale) are served live by one colocated worker (default model,
 bf16, 1 thread), then simulated from the requests as sent (send times, server-counted prompt
-tokens) on one worker of the measured profile (tideserve/sim/profiles/cpu_2core.json, written
-by `tideserve profile --threads 1 --dtype bfloat16 --kv-cache-mb 1024`). Prints each metric
+tokens) on one worker of the measured profile: the committed one by default
+(tideserve/sim/profiles/cpu_2core.json, written by `tideserve profile --threads 1 --dtype
+bfloat16 --kv-cache-mb 1024`), or with --fresh one measured just before the live run
+(`tideserve profile --quick`, ~20 s), so both see the machine equally loaded. Prints each metric
 live, simulated and the relative error; the issue's criterion is 20% on TTFT p50/p90, TPOT
 p50/p90 and throughput. Results: benchmarks/results/sim_fidelity.json (appended).
 """
@@ -27,11 +29,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--time-scale", type=float, default=2.0)
+    ap.add_argument("--time-scale", type=float, default=3.0)
     ap.add_argument("--profile", type=Path, default=PROFILE)
+    ap.add_argument("--fresh", action="store_true", help="measure a profile just before")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        report = live_vs_sim(Path(tmp), args.requests, args.time_scale, profile=args.profile)
+        profile = None if args.fresh else args.profile
+        report = live_vs_sim(Path(tmp), args.requests, args.time_scale, profile=profile)
+    fit = report["profile_fit"]
+    print(f"profile {report['profile']}: R^2 {fit.get('r2', float('nan')):.4f}")
     print(f"{report['requests']} requests at {report['offered_rps']:.2f} req/s offered")
     print(f"{'metric':<24}{'live':>10}{'sim':>10}{'error':>9}")
     for name, m in report["metrics"].items():

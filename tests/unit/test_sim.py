@@ -18,6 +18,8 @@ from tideserve.sim.perf import (
     PerfModel,
     StepFit,
     StepSample,
+    attention_pairs,
+    fit_quality,
     fit_step,
     kv_transfer_s,
     load_model_shape,
@@ -76,6 +78,17 @@ def test_events_run_in_time_order_ties_in_push_order():
     assert loop.now == 2.5 and loop.num_events == 5 and loop.is_empty
 
 
+def test_next_barrier_is_the_earliest_pending_barrier_event():
+    loop, seen = EventLoop(), []
+    loop.at(3.0, seen.append, "tick", barrier=True)
+    loop.at(1.0, lambda _: seen.append(loop.next_barrier_s))
+    loop.at(2.0, seen.append, "arrival", barrier=True)
+    loop.at(2.5, lambda _: seen.append(loop.next_barrier_s))
+    loop.run()
+    assert seen == [2.0, "arrival", 3.0, "tick"]
+    assert loop.next_barrier_s == float("inf")
+
+
 def test_events_never_go_back_in_time_and_stop_at_until():
     loop, seen = EventLoop(), []
     loop.at(5.0, lambda _: loop.at(1.0, lambda _: seen.append(loop.now)))
@@ -97,6 +110,23 @@ def test_fit_recovers_linear_coefficients():
     fit = fit_step(samples)
     for name in ("base_s", "prefill_token_s", "decode_seq_s", "context_token_s"):
         assert getattr(fit, name) == pytest.approx(getattr(true, name), rel=1e-6)
+
+
+def test_fit_recovers_the_quadratic_prefill_term_and_reports_its_quality():
+    true = StepFit(0.03, 1e-3, 1e-3, 2e-6, 5e-6)  # the shape of this CPU's profile
+    shapes = [(p, 0, p, attention_pairs(0, p)) for p in (16, 64, 128, 256, 512, 1024)]
+    shapes += [(0, d, d * c, 0) for d in (1, 4, 16) for c in (64, 512)]
+    model = perf(step=true)
+    samples = [StepSample(p, d, c, model.step_s(p, d, c, a), a) for p, d, c, a in shapes]
+    fit = fit_step(samples)
+    assert fit.prefill_pair_s == pytest.approx(5e-6, rel=1e-6)
+    q = fit_quality(fit, samples)
+    assert q["r2"] == pytest.approx(1.0) and q["all"]["max_rel_error"] < 1e-6
+    assert q["prefill"]["num_steps"] == 6 and q["decode"]["num_steps"] == 6
+    # without the pair term, a linear fit misses long prompts by far
+    linear = fit_step([dataclasses.replace(s, attention_pairs=0) for s in samples])
+    assert fit_quality(linear, samples)["prefill"]["max_rel_error"] > 0.2
+    assert attention_pairs(0, 1) == 1 and attention_pairs(10, 1) == 11  # a decode: its context
 
 
 def test_fit_never_goes_negative():
@@ -240,6 +270,40 @@ def test_same_seed_same_results_other_seed_differs(tmp_path):
 
     assert run(cfg) == run(cfg)
     assert run(cfg) != run(dataclasses.replace(cfg, seed=8))
+
+
+@pytest.mark.parametrize(
+    "mode,pool,extra",
+    [
+        ("colocated", {"colocated": 2}, {"step_jitter": 0.2}),
+        ("disaggregated", {"prefill": 1, "decode": 2}, {"step_jitter": 0.1}),
+        ("partial", {"partial": 3}, {}),
+        (
+            "colocated",
+            {"colocated": 1},
+            {
+                "autoscale": {
+                    "policy": "utilization", "interval_s": 1.0, "actuator_delay_s": 0.5,
+                    "bounds": {"min_colocated": 1, "max_colocated": 3, "max_decode": 0,
+                               "max_prefill": 0, "min_decode": 0},
+                },
+            },
+        ),
+    ],
+)  # fmt: skip
+def test_fast_decode_runs_give_the_same_records_as_step_by_step(tmp_path, mode, pool, extra):
+    small = perf(num_kv_blocks=120)  # tight enough that runs stop at block limits
+    cfg = config(tmp_path, mode=mode, pool=pool, perf_model=small, **extra)
+    reqs = trace(n=150, rate=8.0, inp=120, out=90)
+    fast, fc = simulate(cfg, reqs)
+    slow, sc = simulate(dataclasses.replace(cfg, fast_decode=False), reqs)
+    assert fc.loop.num_events < sc.loop.num_events  # the runs did happen
+    assert [dataclasses.asdict(r) for r in fc.records] == [
+        dataclasses.asdict(r) for r in sc.records
+    ]
+    for key in ("gpu_seconds", "scaling_actions", "workers_by_role", "slo_attainment"):
+        assert fast[key] == slow[key]
+    assert fast["sim"]["num_preemptions"] == slow["sim"]["num_preemptions"]
 
 
 def test_too_long_prompt_fails_like_the_router_and_counts(tmp_path):

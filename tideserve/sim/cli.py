@@ -2,7 +2,7 @@
 
     tideserve sim --trace NAME|FILE --config C.toml --out DIR [--duration S] [--time-scale X]
         [--rate-scale X] [--max-requests N] [--seed S] [--sweep [--pools 1:2,2:4]] [--no-plots]
-    tideserve profile --out PROFILE.json [--model DIR] [--quick]
+    tideserve profile --out PROFILE.json [--model DIR] [--quick] [--threads 1] [--dtype auto]
 
 `sim` writes DIR/summary.json (bench's keys plus worker_seconds, gpu_seconds, cost_usd,
 workers_by_role, scaling_actions, sim), DIR/requests.jsonl and DIR/timeline.png; with --sweep
@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
     prof.add_argument("--model", help="model folder (default: the embedded default model)")
     prof.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     prof.add_argument("--kv-cache-mb", type=int, default=512, help="KV budget of the engine")
+    prof.add_argument("--threads", type=int, default=1, help="torch threads (as serve's workers)")
+    prof.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     prof.set_defaults(func=cmd_profile)
 
 
@@ -120,14 +122,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from tideserve.sim.profile import profile_engine
 
     try:
-        model = profile_engine(args.model, args.quick, args.kv_cache_mb << 20)
+        model = profile_engine(
+            args.model, args.quick, args.kv_cache_mb << 20, args.threads, args.dtype
+        )
     except (ValueError, OSError) as e:
         return _error(str(e))
     save_profile(model, args.out)
     s = model.step
     print(
         f"step_s = {s.base_s:.4g} + {s.prefill_token_s:.3g} * prefill_tokens + "
-        f"{s.decode_seq_s:.3g} * decodes + {s.context_token_s:.3g} * context_tokens"
+        f"{s.decode_seq_s:.3g} * decodes + {s.context_token_s:.3g} * context_tokens + "
+        f"{s.prefill_pair_s:.3g} * prefill_attention_pairs"
+    )
+    q = model.fit
+    print(
+        f"fit: R^2 {q['r2']:.4f}; mean relative error {q['all']['mean_rel_error']:.1%} "
+        f"(prefill steps {q['prefill']['mean_rel_error']:.1%}, "
+        f"decode steps {q['decode']['mean_rel_error']:.1%}) over {q['all']['num_steps']} steps"
     )
     print(f"profile: {args.out}")
     return 0

@@ -14,6 +14,16 @@ Lifecycle of a request (times are simulated seconds from the trace's first arriv
    blocks (waiting for room if it has none) and the sequence joins its running batch.
 4. the last token ends the request and fills its `RequestRecord` (bench's record type).
 
+Fast decode runs (`SimConfig.fast_decode`, on by default): when a worker's batch is decode
+only (nothing waiting, no prefill chunk, no KV import expected), the scheduler's next steps
+are fixed: every running sequence decodes one token, until one of them finishes. The worker
+then advances those steps in one event (`_decode_run`), up to the step before the first
+finish and before the next barrier event (an arrival, a tick, a worker ready: the only events
+that read another worker's state), with the blocks reserved up front as `schedule()` would.
+The finishing step and every step that decides anything (admission, chunking, preemption)
+run through the live `schedule()`/`update()`. Records, blocks and counters come out the same
+as step by step (a test runs both and compares every record).
+
 Workers: starting -> ready -> draining -> stopped. Every `interval_s` the autoscaling policy
 (`tideserve.policy.autoscale`) gets an `Observation` and its actions are carried out the way
 the live autoscaler does: a scale-out starts a worker after the actuator delay plus the
@@ -49,13 +59,13 @@ from tideserve.sim.config import SimConfig, WorkerType
 from tideserve.sim.events import EventLoop
 from tideserve.sim.perf import kv_transfer_s
 
-MIN_CHUNK = 16  # partial: as tideserve/roles/phases.py, a shorter prefill phase is not worth it
-
 
 class SimWorker:
     """One simulated worker process: a real Scheduler and BlockPool, a simulated clock."""
 
-    def __init__(self, worker_id: str, role: str, wtype: WorkerType, sched_cfg, now: float):
+    def __init__(
+        self, worker_id: str, role: str, wtype: WorkerType, sched_cfg, now: float, seed: int = 0
+    ):
         perf = wtype.perf
         self.worker_id = worker_id
         self.role = role
@@ -73,6 +83,9 @@ class SimWorker:
         self.est = padg.PhaseEstimator()  # partial: measured (simulated) speeds
         self.first_token_at: dict[str, float] = {}  # partial: for slack
         self.phase = "decode"
+        # step-time jitter: a stream per worker, so the order workers step in does not matter
+        self.rng = random.Random(f"{seed}/{worker_id}")
+        self.next_gauss: float | None = None  # drawn by a decode run, not used yet
 
     def view(self) -> routing.WorkerView:
         pool = self.scheduler.pool
@@ -126,6 +139,17 @@ class SimWorker:
     def is_empty(self) -> bool:
         return not (self.scheduler.has_work or self.num_incoming or self.imports or self.is_busy)
 
+    def peek_gauss(self, sigma: float) -> float:
+        if self.next_gauss is None:
+            self.next_gauss = self.rng.gauss(1.0, sigma)
+        return self.next_gauss
+
+    def jitter(self, sigma: float) -> float:
+        """The next step's time factor (the same stream whether steps run one by one or not)."""
+        g = self.peek_gauss(sigma)
+        self.next_gauss = None
+        return max(0.1, g)
+
 
 class Cluster:
     """Runs one trace through one simulated cluster; `records` hold the results."""
@@ -147,7 +171,6 @@ class Cluster:
             a = cfg.autoscale
             self.policy = make_policy(a.policy, a.bounds, _slo_s(cfg), **a.options)
         self.loop = EventLoop()
-        self.rng = random.Random(cfg.seed)
         self.workers: dict[str, SimWorker] = {}
         self.num_launched = 0
         self.starting: dict[str, int] = {r: 0 for r in ROLES}  # launched, not yet ready
@@ -178,9 +201,9 @@ class Cluster:
                 self._ready(self._launch(role, 0.0))
         self._sample()
         if self.trace:
-            self.loop.at(self.trace[0].arrival_s, self._arrive, 0)
+            self.loop.at(self.trace[0].arrival_s, self._arrive, 0, barrier=True)
         if self.policy is not None and self.cfg.autoscale is not None:
-            self.loop.at(0.0, self._tick)
+            self.loop.at(0.0, self._tick, barrier=True)
         self.loop.run()
         end = self.end_s
         for w in self.workers.values():
@@ -218,7 +241,7 @@ class Cluster:
         self.num_arrived += 1
         self.num_inflight += 1
         if i + 1 < len(self.trace):
-            self.loop.at(self.trace[i + 1].arrival_s, self._arrive, i + 1)
+            self.loop.at(self.trace[i + 1].arrival_s, self._arrive, i + 1, barrier=True)
         n = max(1, rec.input_tokens)
         if n >= self.cfg.scheduler.max_model_len:
             self._fail(rec, 400, f"prompt of {n} tokens >= max_model_len")
@@ -288,6 +311,8 @@ class Cluster:
                 self._stop(w)
             return
         now = self.loop.now
+        if self.cfg.fast_decode and self._decode_run(w, now):
+            return
         phase, budget = self._phase(w, now) if w.role == "partial" else ("", None)
         out = sched.schedule(now, phase, budget)
         if out.preempted:
@@ -298,16 +323,18 @@ class Cluster:
             )
         if out.is_empty:
             return  # no room: a finishing import or transfer kicks it again
-        p = c = 0
+        p = c = a = 0
         for it in out.prefills:
-            p += it.num_tokens
-            c += it.start + it.num_tokens
+            n = it.num_tokens
+            p += n
+            c += it.start + n
+            a += n * it.start + n * (n + 1) // 2  # perf.attention_pairs, inline
         for it in out.decodes:
             c += it.start + 1
         d = len(out.decodes)
-        dur = w.perf.step_s(p, d, c)
+        dur = w.perf.step_s(p, d, c, a)
         if self.cfg.step_jitter:
-            dur *= max(0.1, self.rng.gauss(1.0, self.cfg.step_jitter))
+            dur *= w.jitter(self.cfg.step_jitter)
         w.is_busy = True
         w.phase = phase
         self.loop.at(now + dur, self._step_done, (w, out, p, d, dur, now))
@@ -348,6 +375,112 @@ class Cluster:
                 self._finish(seq, now)
                 w.first_token_at.pop(seq.request_id, None)
         self._import(w)
+        self._kick(w)
+
+    # -- fast decode runs ------------------------------------------------------------------
+
+    def _decode_run(self, w: SimWorker, now: float) -> bool:
+        """Starts a run of decode-only steps in one event, if the batch allows one (see the
+        module docstring); False leaves the step to the live scheduler."""
+        sched = w.scheduler
+        running = sched.running
+        if (
+            w.role == "prefill"
+            or w.num_incoming
+            or w.imports
+            or sched.waiting
+            or len(running) > sched.config.max_num_batched_tokens
+        ):
+            return False
+        max_len = sched.config.max_model_len
+        k = max_len
+        ctx = 0
+        for seq in running:
+            n = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            p = seq.params
+            if n - seq.num_computed_tokens != 1 or p.stop_token_ids or not p.ignore_eos:
+                return False
+            k = min(k, p.max_tokens - len(seq.output_token_ids), max_len - n)
+            ctx += n
+        k = self._blocks_for_run(w, k - 1)  # NOTE: the step that finishes a sequence runs live
+        if k < 2:
+            return False
+        # the steps that end before the next barrier; step j reads ctx + (j - 1) * d tokens
+        barrier, d, sigma = self.loop.next_barrier_s, len(running), self.cfg.step_jitter
+        ends: list[float] = []
+        durs: list[float] = []
+        t = now
+        if sigma:
+            for j in range(k):
+                dur = w.perf.step_s(0, d, ctx + j * d, 0) * max(0.1, w.peek_gauss(sigma))
+                if t + dur >= barrier:
+                    break  # NOTE: the draw stays with the worker for its next step
+                w.jitter(sigma)
+                t += dur
+                ends.append(t)
+                durs.append(dur)
+        else:
+            # NOTE: step_s(0, d, c, 0) term by term, so the sums are bit for bit the live path's
+            fit = w.perf.step
+            fixed = fit.base_s + fit.prefill_token_s * 0 + fit.decode_seq_s * d
+            per_ctx, no_pairs, c = fit.context_token_s, fit.prefill_pair_s * 0, ctx
+            for _ in range(k):
+                dur = fixed + per_ctx * c + no_pairs
+                if t + dur >= barrier:
+                    break
+                t += dur
+                ends.append(t)
+                durs.append(dur)
+                c += d
+        if not ends:
+            return False
+        pool, k = sched.pool, len(ends)
+        for seq in running:  # as schedule() reserves them, step by step
+            if not pool.grow_table(seq.block_table, seq.num_computed_tokens + k):
+                raise RuntimeError("a decode run found fewer free blocks than it counted")
+        w.is_busy = True
+        w.phase = "decode" if w.role == "partial" else ""
+        self.loop.at(ends[-1], self._decode_run_done, (w, tuple(running), ends, durs))
+        return True
+
+    @staticmethod
+    def _blocks_for_run(w: SimWorker, k: int) -> int:
+        """The most decode steps, up to `k`, whose new blocks the pool has free now."""
+        pool = w.scheduler.pool
+        bs, free, running = pool.block_size, pool.num_free, w.scheduler.running
+
+        def missing(j: int) -> int:
+            return sum(-(-(s.num_computed_tokens + j) // bs) - len(s.block_table) for s in running)
+
+        if missing(k) <= free:
+            return k
+        lo, hi = 0, k  # missing(lo) fits, missing(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if missing(mid) <= free else (lo, mid)
+        return lo
+
+    def _decode_run_done(self, arg: tuple[SimWorker, tuple[Sequence, ...], list, list]) -> None:
+        """Applies a decode run's steps: one token per sequence per step, at each step's end."""
+        w, seqs, ends, durs = arg
+        k, d = len(ends), len(seqs)
+        w.is_busy = False
+        self.decode_tokens += k * d
+        if w.role == "partial":
+            for dur in durs:
+                w.est.observe_decode(dur)
+        records, itl = self.records, self.cfg.record_itl
+        tokens = [0] * k
+        for seq in seqs:
+            seq.num_computed_tokens += k
+            seq.output_token_ids += tokens
+            rec = records[int(seq.request_id)]
+            if itl:
+                last = rec.last_token_s
+                for t in ends:
+                    rec.itl_ms.append((t - last) * 1e3)
+                    last = t
+            rec.last_token_s = ends[-1]
         self._kick(w)
 
     def _finish(self, seq: Sequence, now: float) -> None:
@@ -420,7 +553,7 @@ class Cluster:
             now, decoding, self.cfg.slo.tpot_ms / 1e3, w.est.prefill_s_per_token,
             w.est.decode_step_s, sched.config.max_num_batched_tokens,
         )  # fmt: skip
-        if budget >= min(MIN_CHUNK, pending):
+        if budget >= min(padg.MIN_CHUNK, pending):
             return "prefill", budget
         return "decode", None
 
@@ -429,7 +562,7 @@ class Cluster:
     def _launch(self, role: str, now: float) -> SimWorker:
         self.num_launched += 1
         wid = f"{role}-{self.num_launched}"
-        w = SimWorker(wid, role, self.cfg.workers[role], self.cfg.scheduler, now)
+        w = SimWorker(wid, role, self.cfg.workers[role], self.cfg.scheduler, now, self.cfg.seed)
         self.workers[wid] = w
         self.starting[role] += 1
         return w
@@ -481,7 +614,7 @@ class Cluster:
                     w.scheduler.config = cfg
             self.actions.append((now, getattr(action, "reason", "")))
         if self.num_arrived < len(self.trace) or self.num_inflight > 0:
-            self.loop.at(now + a.interval_s, self._tick)
+            self.loop.at(now + a.interval_s, self._tick, barrier=True)
 
     def observe(self, now: float, window_s: float) -> Observation:
         self.counters.append((now, self.decode_tokens, self.prefill_tokens))
@@ -517,7 +650,7 @@ class Cluster:
             cur = count(obs, role)
             for _ in range(target - cur):
                 w = self._launch(role, now + self.cfg.autoscale.actuator_delay_s)
-                self.loop.at(w.started_at + w.perf.startup_s, self._ready, w)
+                self.loop.at(w.started_at + w.perf.startup_s, self._ready, w, barrier=True)
             if target < cur:
                 victims = sorted(
                     (w for w in obs.workers if w.role == role and w.state == "ready"),

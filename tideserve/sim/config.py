@@ -3,6 +3,7 @@
 mode = "disaggregated"          # colocated | disaggregated | partial
 seed = 0                        # step-time jitter and trace sampling
 step_jitter = 0.0               # relative std-dev of a step's time (0: exact model)
+fast_decode = true              # decode-only runs of steps in one event (same results, faster)
 
 [slo]                           # ttft_ms, tpot_ms: attainment, goodput, PaDG, scaling
 [scheduler]                     # the engine's SchedulerConfig (max_num_seqs, ...)
@@ -67,6 +68,7 @@ class SimConfig:
     seed: int = 0
     step_jitter: float = 0.0  # relative std-dev of step times (seeded)
     record_itl: bool = True  # keep every inter-token gap (memory: one float per token)
+    fast_decode: bool = True  # advance runs of decode-only steps in one event (same results)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -168,4 +170,5 @@ def parse_config(raw: dict, base: Path = Path(".")) -> SimConfig:
         seed=int(raw.get("seed", 0)),
         step_jitter=float(raw.get("step_jitter", 0.0)),
         record_itl=bool(raw.get("record_itl", True)),
+        fast_decode=bool(raw.get("fast_decode", True)),
     )

@@ -8,9 +8,12 @@ asks it one thing per engine step: `step_s(prefill_tokens, num_decodes, context_
 The step time is linear in what the scheduler put into the step:
 
     step_s = base_s + prefill_token_s * P + decode_seq_s * D + context_token_s * C
+             + prefill_pair_s * A
 
 P: prompt tokens computed this step (chunks); D: decode sequences; C: KV tokens the step's
-attention reads (the sum over scheduled sequences of their context after the step).
+attention reads (the sum over scheduled sequences of their context after the step); A: the
+(query, key) pairs of the prefill chunks' causal attention, n * start + n * (n + 1) / 2 for a
+chunk of n tokens after `start` (the quadratic cost of a long prompt).
 Torch-free; numpy only for the least-squares fit.
 """
 
@@ -26,12 +29,14 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class StepFit:
-    """step_s = base_s + prefill_token_s * P + decode_seq_s * D + context_token_s * C."""
+    """step_s = base_s + prefill_token_s * P + decode_seq_s * D + context_token_s * C
+    + prefill_pair_s * A."""
 
     base_s: float  # fixed cost of a step (weights read once, launch overheads)
     prefill_token_s: float  # per prompt token computed
     decode_seq_s: float  # per decode sequence in the batch
     context_token_s: float  # per KV token read by attention
+    prefill_pair_s: float = 0.0  # per (query, key) pair of a prefill chunk's attention
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -51,14 +56,18 @@ class PerfModel:
     kv_bytes_per_token: int  # KV of one token, all layers (what a FuDG transfer moves)
     startup_s: float  # process start to ready (weights load, warm-up)
     source: str = "roofline"  # "roofline" or "measured"
+    fit: dict | None = None  # measured: how well the step model fits the steps (`fit_quality`)
 
-    def step_s(self, prefill_tokens: int, num_decodes: int, context_tokens: int) -> float:
+    def step_s(
+        self, prefill_tokens: int, num_decodes: int, context_tokens: int, attention_pairs: int = 0
+    ) -> float:
         s = self.step
         return (
             s.base_s
             + s.prefill_token_s * prefill_tokens
             + s.decode_seq_s * num_decodes
             + s.context_token_s * context_tokens
+            + s.prefill_pair_s * attention_pairs
         )
 
     def to_dict(self) -> dict:
@@ -100,20 +109,34 @@ class StepSample:
     num_decodes: int
     context_tokens: int
     seconds: float
+    attention_pairs: int = 0  # of the prefill chunks (see the module docstring)
+
+
+def attention_pairs(start: int, num_tokens: int) -> int:
+    """(query, key) pairs of a causal prefill chunk of `num_tokens` after `start` tokens."""
+    return num_tokens * start + num_tokens * (num_tokens + 1) // 2
 
 
 def fit_step(samples: list[StepSample]) -> StepFit:
-    """Non-negative least squares of the step model over measured steps (a coefficient the
-    plain fit makes negative is dropped and the rest refitted)."""
+    """Non-negative least squares of the step model over measured steps, on relative errors
+    (each step weighs 1 / its time, so a 30 ms decode step counts as much as a 3 s prefill);
+    a coefficient the plain fit makes negative is dropped and the rest refitted."""
     import numpy as np
 
     if len(samples) < 4:
         raise ValueError(f"need at least 4 measured steps to fit, got {len(samples)}")
+    if min(s.seconds for s in samples) <= 0:
+        raise ValueError("measured step times must be > 0")
     x = np.array(
-        [[1.0, s.prefill_tokens, s.num_decodes, s.context_tokens] for s in samples], dtype=float
+        [
+            [1.0, s.prefill_tokens, s.num_decodes, s.context_tokens, s.attention_pairs]
+            for s in samples
+        ],
+        dtype=float,
     )
     y = np.array([s.seconds for s in samples], dtype=float)
-    keep = [0, 1, 2, 3]
+    x, y = x / y[:, None], np.ones_like(y)  # relative errors
+    keep = [k for k in range(5) if x[:, k].any()]
     sol = np.zeros(0)
     while keep:
         sol, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
@@ -121,9 +144,40 @@ def fit_step(samples: list[StepSample]) -> StepFit:
         if not negative:
             break
         keep = [k for k in keep if k not in negative]
-    coef = np.zeros(4)
+    coef = np.zeros(5)
     coef[keep] = sol if keep else 0.0
     return StepFit(*(float(c) for c in coef))
+
+
+def fit_quality(fit: StepFit, samples: list[StepSample]) -> dict:
+    """R² of the fit over the measured steps, and its relative errors, all steps and by kind
+    (prefill-only steps, decode-only steps)."""
+    model = PerfModel("fit", fit, 1, 1, 1, 1, 0.0)
+
+    def errors(rows: list[StepSample]) -> dict:
+        rel = sorted(abs(model.step_s(*_shape(s)) - s.seconds) / s.seconds for s in rows)
+        if not rel:
+            return {"num_steps": 0}
+        return {
+            "num_steps": len(rel),
+            "mean_rel_error": sum(rel) / len(rel),
+            "max_rel_error": rel[-1],
+        }
+
+    ys = [s.seconds for s in samples]
+    mean = sum(ys) / len(ys)
+    ss_tot = sum((y - mean) ** 2 for y in ys)
+    ss_res = sum((model.step_s(*_shape(s)) - s.seconds) ** 2 for s in samples)
+    return {
+        "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 1.0,
+        "all": errors(samples),
+        "prefill": errors([s for s in samples if s.prefill_tokens and not s.num_decodes]),
+        "decode": errors([s for s in samples if s.num_decodes and not s.prefill_tokens]),
+    }
+
+
+def _shape(s: StepSample) -> tuple[int, int, int, int]:
+    return s.prefill_tokens, s.num_decodes, s.context_tokens, s.attention_pairs
 
 
 # -- roofline -------------------------------------------------------------------------------
@@ -241,6 +295,7 @@ def roofline(
         prefill_token_s=token_flops / flops + allreduce,
         decode_seq_s=token_flops / flops + allreduce,
         context_token_s=kv_token / bw,
+        prefill_pair_s=4 * m.hidden_size * m.num_layers / flops,
     )
     kv_budget = hw.memory_bytes * tp * GPU_MEMORY_UTILIZATION - weights
     if kv_budget <= 0:

@@ -91,8 +91,11 @@ def parse_pool(text: str, cfg: SimConfig) -> dict[str, int]:
     return dict(zip(roles, parts))
 
 
-def goodput(cfg: SimConfig, trace: list[TraceRequest], max_probes: int = 8) -> dict:
-    """P90 goodput of the cluster on ``trace`` (rates scaled by a multiplier), per GPU too."""
+def goodput(
+    cfg: SimConfig, trace: list[TraceRequest], max_probes: int = 8, start: float = 1.0
+) -> dict:
+    """P90 goodput of the cluster on ``trace`` (rates scaled by a multiplier, the search from
+    ``start``), per GPU too."""
     if not cfg.slo.is_set:
         raise ValueError("a sweep needs an SLO: [slo] ttft_ms and/or tpot_ms")
     span = trace[-1].arrival_s - trace[0].arrival_s
@@ -106,7 +109,7 @@ def goodput(cfg: SimConfig, trace: list[TraceRequest], max_probes: int = 8) -> d
         runs[m] = summary
         return summary["slo_attainment"]
 
-    found = asyncio.run(search_goodput(probe, max_probes))
+    found = asyncio.run(search_goodput(probe, max_probes, start=start))
     gpus = sum(cfg.workers[r].gpus * n for r, n in cfg.pool.items() if r in cfg.workers)
     rps = found.goodput_rps(base_rps)
     return {
