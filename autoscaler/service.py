@@ -152,6 +152,7 @@ class Autoscaler:
                 kv_blocks_total=w["kv_blocks_total"],
                 max_num_seqs=w.get("max_num_seqs", 0),
                 gpu_util_pct=(w.get("gpu") or {}).get("utilization_pct"),
+                layers=tuple((r[0], r[1]) for r in w.get("layers") or ()),
             )
             for w in stats["workers"]
         )

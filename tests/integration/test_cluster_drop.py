@@ -11,60 +11,51 @@ from __future__ import annotations
 import concurrent.futures
 import time
 
-from tests.integration.test_cluster_replica import _until, _workers
-from tests.integration.test_module_worker import _post, tiny_dir  # noqa: F401
-from tideserve.launcher import ServeProcess
-
-MAX_TOKENS = 384
+from tests.integration.elastic import (  # noqa: F401 (tiny_dir: a fixture)
+    PROMPTS,
+    complete,
+    offline_texts,
+    post,
+    serve_elastic,
+    tiny_dir,
+    until,
+    workers,
+)
 
 
 def test_drop_then_restore_mid_stream_matches_offline(tiny_dir):  # noqa: F811
-    from tideserve import LLM, SamplingParams
+    prompts = PROMPTS
+    expected = offline_texts(tiny_dir)
 
-    prompts = [f"prompt {i}: " + "words " * (i % 7) for i in range(16)]
-    llm = LLM(model=str(tiny_dir), dtype="float32", kv_cache_bytes=1 << 24)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    expected = [o.text for o in llm.generate(prompts, params)]
-
-    srv = ServeProcess(
-        "--model", str(tiny_dir), "--mode", "colocated", "--decode", "2", "--dtype", "float32",
-        "--kv-cache-bytes", str(1 << 24), "--served-model-name", "tiny", "--num-threads", "1",
-        "--layer-stages", "2",
-    )  # fmt: skip
+    srv = serve_elastic(tiny_dir, 2)
     with srv:
         url = srv.url
-        ws = _until(url, lambda ws: len(ws) == 2 and all(w["layers"] for w in ws.values()))
+        ws = until(url, lambda ws: len(ws) == 2 and all(w["layers"] for w in ws.values()))
         a, b = sorted(ws)
         full = ws[a]["layers"]
         assert full == [[0, 2], [2, 4]]
         admin = f"{url}/admin/workers/{a}/modules"
 
-        def one(p: str) -> tuple[str, str]:
-            body = {"model": "tiny", "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0,
-                    "ignore_eos": True}  # fmt: skip
-            choice = _post(url + "/v1/completions", body)[1]["choices"][0]
-            return choice["text"], choice["finish_reason"]
-
-        assert _post(admin, {"action": "drop"})[0] == 400  # no partner
-        assert _post(admin, {"action": "drop", "target": a})[0] == 400  # itself
-        assert _post(admin, {"action": "restore", "target": b})[0] == 409  # nothing dropped
+        assert post(admin, {"action": "drop"})[0] == 400  # no partner
+        assert post(admin, {"action": "drop", "target": a})[0] == 400  # itself
+        assert post(admin, {"action": "restore", "target": b})[0] == 409  # nothing dropped
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(one, p) for p in prompts]
-            _until(url, lambda ws: all(w["load"]["running"] >= 2 for w in ws.values()))
+            futures = [pool.submit(complete, url, p) for p in prompts]
+            until(url, lambda ws: all(w["load"]["running"] >= 2 for w in ws.values()))
 
-            status, got = _post(admin, {"action": "drop", "target": b})
+            status, got = post(admin, {"action": "drop", "target": b})
             assert status == 200, got
-            ws = _until(url, lambda ws: ws[a]["layers"] == [[0, 2]] and ws[b]["layers"] == [[2, 4]])
+            ws = until(url, lambda ws: ws[a]["layers"] == [[0, 2]] and ws[b]["layers"] == [[2, 4]])
             assert not any(f.done() for f in futures)  # it landed mid-stream
             own_a = [r for r in ws[a]["replicas"] if "for" not in r]
             assert [(r["layers"], r["host"], r["share"]) for r in own_a] == [([2, 4], b, 1.0)]
-            status, _ = _post(admin, {"action": "drop", "target": b})
+            status, _ = post(admin, {"action": "drop", "target": b})
             assert status == 409  # already dropped
             time.sleep(1.5)  # steps as one pipeline each way
 
-            status, got = _post(admin, {"action": "restore", "target": b})
+            status, got = post(admin, {"action": "restore", "target": b})
             assert status == 200, got
-            _until(
+            until(
                 url,
                 lambda ws: all(w["layers"] == full and not w["replicas"] for w in ws.values()),
             )
@@ -73,6 +64,6 @@ def test_drop_then_restore_mid_stream_matches_offline(tiny_dir):  # noqa: F811
 
         assert [t for t, _ in results] == expected
         assert {r for _, r in results} == {"length"}  # nothing lost or cut short
-        ws = _until(url, lambda ws: all(w["load"]["running"] == 0 for w in ws.values()))
-        assert [w["kv_blocks_used"] for w in _workers(url).values()] == [0, 0]
+        ws = until(url, lambda ws: all(w["load"]["running"] == 0 for w in ws.values()))
+        assert [w["kv_blocks_used"] for w in workers(url).values()] == [0, 0]
     assert not srv.leftover_children()

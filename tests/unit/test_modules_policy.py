@@ -217,6 +217,34 @@ def test_a_hot_worker_gets_a_replica_on_the_spare_one_and_loses_it_when_cool():
     assert back == [UnreplicateLayers("d1", "d2", a.start, a.end, back[0].reason)]
 
 
+def test_a_served_worker_replicates_a_whole_stage_past_layer_0_or_nothing():
+    """With the stages a worker reports (its heartbeat's `layers`), the plan is one of them,
+    never the first (the router refuses anything else); a worker that reports none is not
+    elastic and gets no replica."""
+    hot = dict(running=16, waiting=6, tpot=0.12)
+    staged = dataclasses.replace(worker("d1", **hot), layers=((0, 10), (10, 20), (20, 30)))
+    [a] = policy(drop=False).decide(observe(0, staged, worker("d2", 1)))
+    assert isinstance(a, ReplicateLayers) and (a.start, a.end) in ((10, 20), (20, 30))
+    flat = dataclasses.replace(worker("d1", **hot), layers=())
+    assert policy(drop=False).decide(observe(0, flat, worker("d2", 1))) == []
+    only_first = dataclasses.replace(worker("d1", **hot), layers=((0, 30),))
+    assert policy(drop=False).decide(observe(0, only_first, worker("d2", 1))) == []
+
+
+def test_best_replication_searches_only_the_ranges_it_is_given():
+    inp = ReplicationInputs(
+        layer_step_s=(0.001,) * 8 + (0.02,) * 2, weight_bytes_per_layer=1 << 20,
+        batch_tokens=16, hidden_size=64, dtype_bytes=2, link_bandwidth_bytes_per_s=1e10,
+        link_latency_s=1e-5, load_bandwidth_bytes_per_s=1e9,
+    )  # fmt: skip
+    free = best_replication(inp)
+    assert free is not None and (free.start, free.end) == (0, 10)  # loading is cheap here
+    given = best_replication(inp, ranges=((0, 5), (5, 10)))
+    assert given is not None and (given.start, given.end) == (5, 10)  # the slow layers
+    fast = best_replication(inp, ranges=((0, 8),), min_gain=0.1)
+    assert fast is None  # the fast layers save 8% of the step, under min_gain
+
+
 def test_no_replica_without_a_spare_or_when_it_does_not_pay():
     p = policy(drop=False)
     assert p.decide(observe(0, worker("d1", 16, 6, tpot=0.12), worker("d2", 12))) == []

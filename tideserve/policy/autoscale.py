@@ -52,6 +52,9 @@ class WorkerObs:
     max_num_seqs: int = 0  # its current batch cap (0 = unknown)
     tpot_p90_s: float | None = None  # its own interactive TPOT p90 (None: use the cluster's)
     gpu_util_pct: float | None = None  # NVML GPU utilization, 0-100 (None: no GPU or no NVML)
+    # its layer stages, [start, end) each (the `modules` policy replicates or moves only a
+    # whole stage past layer 0); None: unknown (any range), (): not elastic (none)
+    layers: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)

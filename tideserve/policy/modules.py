@@ -132,27 +132,31 @@ def best_replication(
     shares: tuple[float, ...] = (0.5,),
     horizon_s: float = 60.0,
     min_gain: float = 0.05,
+    ranges: tuple[tuple[int, int], ...] | None = None,
 ) -> ReplicationPlan | None:
-    """The plan with the highest net_s over every contiguous range and candidate share, among
-    those that fit `replica_free_bytes` and cut the step time by at least `min_gain` of it with
-    net_s > 0; None when no plan pays. Ties: fewer layers, then the earlier range."""
+    """The plan with the highest net_s over every contiguous range (or only `ranges`: what a
+    served worker can hand over, its whole stages) and candidate share, among those that fit
+    `replica_free_bytes` and cut the step time by at least `min_gain` of it with net_s > 0;
+    None when no plan pays. Ties: fewer layers, then the earlier range."""
     _check(horizon_s > 0, "horizon_s must be > 0", horizon_s)
     best, best_key = None, None
     n = len(inp.layer_step_s)
-    for size in range(1, n + 1):
+    if ranges is None:
+        ranges = tuple((s, s + size) for size in range(1, n + 1) for s in range(n - size + 1))
+    for start, end in ranges:
+        size = end - start
         if inp.replica_free_bytes is not None:
             if size * inp.weight_bytes_per_layer > inp.replica_free_bytes:
-                break
-        for start in range(n - size + 1):
-            for share in shares:
-                plan = evaluate(inp, start, start + size, share)
-                if plan.step_s <= 0 or plan.gain_s < min_gain * plan.step_s:
-                    continue
-                net = plan.gain_s / plan.step_s * horizon_s - plan.load_s
-                key = (-round(net, 9), size, start, share)
-                if net > 0 and (best_key is None or key < best_key):
-                    best = ReplicationPlan(**{**plan.__dict__, "net_s": net})
-                    best_key = key
+                continue
+        for share in shares:
+            plan = evaluate(inp, start, end, share)
+            if plan.step_s <= 0 or plan.gain_s < min_gain * plan.step_s:
+                continue
+            net = plan.gain_s / plan.step_s * horizon_s - plan.load_s
+            key = (-round(net, 9), size, start, share)
+            if net > 0 and (best_key is None or key < best_key):
+                best = ReplicationPlan(**{**plan.__dict__, "net_s": net})
+                best_key = key
     return best
 
 
@@ -382,9 +386,14 @@ class ModulesPolicy:
         for h in hot:
             target = next((s for s in spare if s.worker_id != h.worker_id), None)
             tpot = self._tpot(obs, h)
-            if target is None or tpot is None:
+            # NOTE: a served worker hands over whole stages only, never the first (its input is
+            # token ids): the router refuses anything else
+            ranges = None if h.layers is None else tuple(r for r in h.layers if r[0] > 0)
+            if target is None or tpot is None or ranges == ():
                 continue
-            plan = best_replication(self._inputs(h, tpot), o.shares, o.horizon_s, o.min_gain)
+            plan = best_replication(
+                self._inputs(h, tpot), o.shares, o.horizon_s, o.min_gain, ranges
+            )
             if plan is None:
                 continue
             self.replicas[h.worker_id] = _Replica(target.worker_id, plan.start, plan.end)
