@@ -14,7 +14,7 @@ import pytest
 from tests.factories import make_tiny_model, make_tiny_tokenizer
 from tideserve.launcher import ServeProcess
 
-MAX_TOKENS = 384  # long enough that the changes land while every request still runs
+MAX_TOKENS = 640  # long enough that every change lands while the requests still run
 PROMPTS = [f"prompt {i}: " + "words " * (i % 7) for i in range(16)]
 
 

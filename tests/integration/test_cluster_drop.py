@@ -51,7 +51,7 @@ def test_drop_then_restore_mid_stream_matches_offline(tiny_dir):  # noqa: F811
             assert [(r["layers"], r["host"], r["share"]) for r in own_a] == [([2, 4], b, 1.0)]
             status, _ = post(admin, {"action": "drop", "target": b})
             assert status == 409  # already dropped
-            time.sleep(1.5)  # steps as one pipeline each way
+            time.sleep(0.5)  # steps as one pipeline each way
 
             status, got = post(admin, {"action": "restore", "target": b})
             assert status == 200, got

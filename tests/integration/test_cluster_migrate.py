@@ -54,7 +54,7 @@ def test_migrate_a_stage_to_another_worker_and_back_mid_stream(tiny_dir):  # noq
             assert ws[b]["layers"] == full  # B keeps its own stages
             status, _ = post(admin, {"action": "migrate", "layers": [2, 4], "target": b})
             assert status == 409  # [2, 4) is no longer A's stage
-            time.sleep(1.5)  # steps with [2, 4) of A's batch computed on B
+            time.sleep(0.5)  # steps with [2, 4) of A's batch computed on B
 
             status, got = post(admin, {"action": "unreplicate", "layers": [2, 4], "target": b})
             assert status == 200, got  # moves it back

@@ -51,7 +51,7 @@ def test_replicate_onto_another_worker_mid_stream_matches_offline(tiny_dir):  # 
             assert on_b["for"] == a and on_b["host"] == b and on_b["layers"] == [2, 4]
             assert on_b["kv_bytes"] > 0
             assert not any(f.done() for f in futures)  # it landed mid-stream
-            time.sleep(1.0)  # some steps with the replica computing part of A's batch
+            time.sleep(0.5)  # some steps with the replica computing part of A's batch
 
             status, got = post(admin, {"action": "unreplicate", "layers": [2, 4], "target": b})
             assert status == 200, got
