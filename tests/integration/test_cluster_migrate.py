@@ -44,7 +44,13 @@ def test_migrate_a_stage_to_another_worker_and_back_mid_stream(tiny_dir):  # noq
             assert status == 409  # the first stage takes token ids: not across processes
             status, got = post(admin, {"action": "migrate", "layers": [2, 4], "target": b})
             assert status == 200, got
-            ws = until(url, lambda ws: ws[a]["layers"] == [[0, 2]])  # A freed its copy
+            ws = until(  # A freed its copy; B's next heartbeat reports the loaded replica
+                url,
+                lambda ws: (
+                    ws[a]["layers"] == [[0, 2]]
+                    and any(r.get("kv_bytes", 0) > 0 for r in ws[b]["replicas"])
+                ),
+            )
             assert not any(f.done() for f in futures)  # it landed mid-stream
             (own,) = ws[a]["replicas"]
             assert (own["layers"], own["host"], own["share"]) == ([2, 4], b, 1.0)
