@@ -90,6 +90,7 @@ async def test_no_live_worker_parks_until_one_joins_then_times_out(tokenizer_dir
             late.beating = late.alive = False  # the only worker goes away for good
             await dying2.start()
             await _wait(lambda: "c-late" not in r.cluster.workers)
+            await wait_ready(client)  # d-dies registered: the request goes to it
             body["stream"] = True
             resp = await client.post("/v1/completions", json=body)
             text, events = _sse_text(await resp.text())
@@ -98,6 +99,7 @@ async def test_no_live_worker_parks_until_one_joins_then_times_out(tokenizer_dir
 
             await _wait(lambda: "d-dies" not in r.cluster.workers)
             await dying3.start()  # not streaming: an error status, never a 200 with half a body
+            await wait_ready(client)
             body["stream"] = False
             resp = await client.post("/v1/completions", json=body)
             assert resp.status == 503 and resp.headers["Retry-After"]
