@@ -49,7 +49,6 @@ from tideserve.engine.sequence import Sequence
 from tideserve.engine.stages import LayerRange, Stage, build_stage, stage_config
 from tideserve.protocol import (
     PROTOCOL_VERSION,
-    KVBegin,
     Params,
     StageClose,
     StageHello,
@@ -62,23 +61,10 @@ from tideserve.protocol import (
     encode,
 )
 from tideserve.roles.migration import params_of
-from tideserve.tensor_frames import meta_of
+from tideserve.roles.stage import send_tensors
 from tideserve.worker import to_sampling_params
 
 log = logging.getLogger(__name__)
-
-
-def _send_tensors(sender, dest: str, tid: str, src_id: str, tensors: list[torch.Tensor]) -> None:
-    """One kv_transfer `tid` whose layers are `tensors` (all of one shape)."""
-    t0 = tensors[0]
-    begin = KVBegin(
-        tid, src_id, sender.reply_address, [], [], t0.shape[-2] if t0.dim() > 2 else t0.shape[0],
-        Params(1), 0, len(tensors), meta_of(t0),
-    )  # fmt: skip
-    sender.begin(dest, begin)
-    for j, t in enumerate(tensors):
-        sender.send_layer(tid, j, t.contiguous())
-    sender.done(tid)
 
 
 class _Inbox:
@@ -139,7 +125,7 @@ class RemoteReplica:
         """Sends the rows of `plan` (decodes then prefills, decodes sorted as `prepare` does)."""
         plan.decodes.sort(key=lambda d: d.start)
         tid = self._tid("mb")
-        _send_tensors(self.link.sender, self.hello.kv_address, tid, self.link.head_id, [hidden])
+        send_tensors(self.link.sender, self.hello.kv_address, tid, self.link.head_id, [hidden])
         items = [
             StageItem(
                 it.seq.request_id, it.start, it.num_tokens, it.sample, list(it.seq.block_table),
@@ -181,7 +167,7 @@ class RemoteReplica:
             slots = kv.slots(seq.block_table, n)
             layers = [kv.export_layer(layer0 + j, slots) for j in range(self.layers.size)]
             tid = self._tid("kvin")
-            _send_tensors(self.link.sender, self.hello.kv_address, tid, self.link.head_id, layers)
+            send_tensors(self.link.sender, self.hello.kv_address, tid, self.link.head_id, layers)
             self._sent_to.add(seq.request_id)
             self._control(StageKV(tid, seq.request_id, list(seq.block_table), n, True))
             moved += sum(t.numel() * t.element_size() for t in layers)
@@ -348,7 +334,7 @@ class ReplicaServer:
             self.seqs.pop(msg.request_id, None)
             slots = kv.slots(msg.block_table, msg.num_tokens)
             layers = [kv.export_layer(j, slots) for j in range(self.stage.layers.size)]
-            _send_tensors(self.sender, self.head_kv_address, msg.transfer_id, self.worker_id,
+            send_tensors(self.sender, self.head_kv_address, msg.transfer_id, self.worker_id,
                           layers)  # fmt: skip
         else:
             self._step(msg, self.inbox.done.pop(msg.transfer_id)[0])
@@ -362,7 +348,7 @@ class ReplicaServer:
             (plan.decodes if n < step.num_decodes else plan.prefills).append(it)
         try:
             out = self.stage.forward(plan, hidden)  # [T, hidden], or last: [N, vocab] logits
-            _send_tensors(self.sender, self.head_kv_address, step.transfer_id, self.worker_id,
+            send_tensors(self.sender, self.head_kv_address, step.transfer_id, self.worker_id,
                           [out])  # fmt: skip
             msg = StageResult(step.transfer_id, [])
         except Exception as e:  # noqa: BLE001 - the head fails the step, this process lives on

@@ -57,6 +57,20 @@ from tideserve.worker import to_sampling_params
 log = logging.getLogger(__name__)
 
 
+def send_tensors(sender, dest: str, tid: str, src_id: str, tensors: list[torch.Tensor]) -> None:
+    """One kv_transfer `tid` whose layers are `tensors` (all of one shape): how hidden states,
+    rows and a range's KV travel between stage, replica and head processes."""
+    t0 = tensors[0]
+    begin = KVBegin(
+        tid, src_id, sender.reply_address, [], [], t0.shape[-2] if t0.dim() > 2 else t0.shape[0],
+        Params(1), 0, len(tensors), meta_of(t0),
+    )  # fmt: skip
+    sender.begin(dest, begin)
+    for j, t in enumerate(tensors):
+        sender.send_layer(tid, j, t.contiguous())
+    sender.done(tid)
+
+
 def split_plan(plan: SchedulerOutput, n: int) -> list[SchedulerOutput]:
     """Up to `n` micro-batches of the step, each item going to the one with the fewest tokens
     so far (decodes and prefill chunks alike); empty ones are left out."""
@@ -96,14 +110,7 @@ class RemoteStage:
         """Sends one micro-batch (its items after the head sorted them) and its hidden states."""
         self.num_sent += 1
         tid = f"{self.head_id}-mb{self.num_sent}"
-        meta = meta_of(hidden)
-        begin = KVBegin(
-            tid, self.head_id, self.sender.reply_address, [], [], hidden.shape[0], Params(1),
-            0, 1, meta,
-        )  # fmt: skip
-        self.sender.begin(self.hello.kv_address, begin)
-        self.sender.send_layer(tid, 0, hidden)
-        self.sender.done(tid)
+        send_tensors(self.sender, self.hello.kv_address, tid, self.head_id, [hidden])
         items = [
             StageItem(
                 it.seq.request_id, it.start, it.num_tokens, it.sample, list(it.seq.block_table),
