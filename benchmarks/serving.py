@@ -116,6 +116,7 @@ def bench(kind: str, args) -> list[dict]:
     modes = ["colocated", "disaggregated"]
     if kind == "throughput" and args.peer_server:
         modes.append("llama-server")
+    modes = [m for m in modes if m in (args.modes or modes)]
     for r in range(args.rounds):
         for mode in modes:
             workers = ["--decode", "2"] if args.per_device and mode == "colocated" else []
@@ -153,10 +154,12 @@ def report(kind: str, rows: list[dict]) -> None:
             f"| {mode} | {tok_s:.1f} | {ttft50:.0f} ms | {ttft90:.0f} ms | {tpot:.1f} ms | {errs} |"
         )
     if any(r["mode"] == "llama-server" for r in rows):
-        for mode in ("colocated", "disaggregated"):
+        for mode in [
+            m for m in ("colocated", "disaggregated") if any(r["mode"] == m for r in rows)
+        ]:
             ratio = med(mode, "output_tok_s") / med("llama-server", "output_tok_s")
             print(f"\n{mode} output tok/s / llama-server's (same run, medians): {ratio:.2f}")
-    if kind == "latency":
+    if kind == "latency" and {"colocated", "disaggregated"} <= {r["mode"] for r in rows}:
         ratio = med("disaggregated", "ttft_p50_s") / med("colocated", "ttft_p50_s")
         print(f"\ndisaggregated TTFT / colocated TTFT (p50): {ratio:.2f}")
 
@@ -174,6 +177,10 @@ def main() -> None:
     ap.add_argument("--per-device", action="store_true", help="two 1-thread workers in both modes")
     ap.add_argument("--peer-server", help="throughput: a llama-server binary to run beside us")
     ap.add_argument("--peer-model", help="the GGUF it serves (same weights and precision)")
+    ap.add_argument(
+        "--modes", nargs="+", choices=["colocated", "disaggregated", "llama-server"],
+        help="run only these modes (default: all that apply)",
+    )  # fmt: skip
     args = ap.parse_args()
     prepare_default_model()
     rows = bench(args.kind, args)

@@ -303,3 +303,75 @@ def test_cpu_decode_kernel_matches_a_reference(dtype, heads, kv_heads, head_dim)
         ref = (torch.softmax(qq @ k.transpose(1, 2), -1) @ v).reshape(heads, head_dim)
         tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16/fp16: the output's rounding
         torch.testing.assert_close(out[b], ref, atol=tol, rtol=tol)
+
+
+def _fused_ops():
+    from tideserve.engine import cpu_kernels
+
+    mod = cpu_kernels.load()
+    if mod is None:
+        pytest.skip("the CPU kernels could not be built here")
+    return mod
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_fused_cpu_ops_match_the_torch_ops(dtype):
+    """The fused norm / residual / rotary + KV write / SiLU ops against the torch ops they
+    replace in a decoder layer: bit-exact where both round the same way (bf16/fp16 rotary and
+    residual adds), else within the last bit of the model dtype."""
+    import torch.nn.functional as F
+
+    from tideserve.engine.model import apply_rotary
+
+    ops = _fused_ops()
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen) * s).to(dtype)
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-22}[dtype]
+    close = dict(atol=ulp, rtol=ulp)
+    T, D, H, K, hd, S = 37, 96, 6, 2, 32, 64
+
+    x, r, w = rand(T, D), rand(T, D), (torch.rand(D, generator=gen) + 0.5).to(dtype)
+    h, n = ops.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(h, x + r)
+    torch.testing.assert_close(n, w * F.rms_norm(x + r, (D,), eps=1e-5), **close)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (D,), eps=1e-5), **close)
+
+    gu = rand(T, 2 * D, s=3.0)
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gu), F.silu(gate) * up, atol=4 * ulp, rtol=2 * ulp)
+
+    qkv = rand(T, (H + 2 * K) * hd)
+    angles = torch.rand(T, 1, hd // 2, generator=gen) * 100
+    cos, sin = (
+        torch.cat((angles, angles), -1).cos().to(dtype),
+        torch.cat((angles, angles), -1).sin().to(dtype),
+    )
+    slots = torch.randperm(S, generator=gen)[:T]
+    cache, ref_cache = torch.zeros(2, K, S, hd, dtype=dtype), torch.zeros(2, K, S, hd, dtype=dtype)
+    q = ops.rope_write_kv(qkv, cos, sin, cache, slots, H, K)
+    heads = qkv.view(T, H + 2 * K, hd)
+    rotated = apply_rotary(heads[:, : H + K], cos, sin)
+    ref_cache.index_copy_(
+        2, slots, torch.stack((rotated[:, H:], heads[:, H + K :])).transpose(1, 2)
+    )
+    exact = dtype != torch.float32  # fp32 may contract x*cos + y*sin into one FMA
+    check = torch.equal if exact else lambda a, b: torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+    assert check(q, rotated[:, :H]) and check(cache, ref_cache)
+    assert cache[:, :, [s for s in range(S) if s not in set(slots.tolist())]].abs().sum() == 0
+
+
+def test_fused_ops_and_torch_ops_give_the_same_tokens(tiny_model_dir):
+    """The engine with the fused row-wise ops and without them (the CUDA path's torch ops):
+    same greedy tokens on the tiny model (fp32: they differ by rounding at most)."""
+    _fused_ops()
+    prompts = random_prompts(10, seed=23, lo=1, hi=120)
+    results = []
+    for fused in (True, False):
+        e = make_engine(tiny_model_dir, max_num_batched_tokens=64)
+        if not fused:
+            e.runner.ops = None
+        for i, p in enumerate(prompts):
+            e.add_request(str(i), p, SamplingParams(max_tokens=10, **GREEDY))
+        results.append(run(e))
+        assert_no_leak(e)
+    assert results[0] == results[1]

@@ -52,6 +52,7 @@ class AttentionBatch:
     decode_lens: torch.Tensor | None = None  # [B] context lengths (kernel path)
     cos: torch.Tensor | None = None  # [T, 1, hd] rotary tables for this step's positions
     sin: torch.Tensor | None = None
+    ops: object | None = None  # the compiled CPU module's fused row-wise ops, when used
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -98,6 +98,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cache: torch.Tensor, batch: AttentionBatch):
         t, h = x.shape[0], self.num_heads
+        if batch.ops is not None:  # rotary and the KV write in one fused call
+            q = batch.ops.rope_write_kv(
+                self.qkv(x), batch.cos, batch.sin, cache, batch.slot_mapping, h, self.num_kv_heads
+            )
+            return self.o_proj(paged_attention(q, cache, batch, self.scale).view(t, -1))
         qkv = self.qkv(x).view(t, -1, self.head_dim)  # [T, H + 2*kvh, hd]
         qk = apply_rotary(qkv[:, : h + self.num_kv_heads], batch.cos, batch.sin)  # [T, H+kvh, hd]
         write_kv(cache, qk[:, h:], qkv[:, h + self.num_kv_heads :], batch.slot_mapping)
@@ -131,8 +136,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cache, batch):
-        x = x + self.self_attn(self.input_layernorm(x), cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ops = batch.ops
+        if ops is None:
+            x = x + self.self_attn(self.input_layernorm(x), cache, batch)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        # NOTE: the fused CPU ops (cpu_kernels.py) round where the torch ops above do; one call
+        # each for the norm, the residual add with the next norm, and SiLU * up.
+        norm1, norm2, mlp = self.input_layernorm, self.post_attention_layernorm, self.mlp
+        n = ops.rms_norm(x, norm1.weight, norm1.eps)
+        x, n = ops.add_rms_norm(x, self.self_attn(n, cache, batch), norm2.weight, norm2.eps)
+        return x + mlp.down_proj(ops.silu_mul(mlp.gate_up(n)))
 
 
 class LlamaModel(nn.Module):

@@ -27,6 +27,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.kernel = cpu_kernels.load() if device.type == "cpu" and use_cpu_kernels else None
+        self.ops = self.kernel  # the fused norm/rotary/SiLU ops live in the same module
         self._arange = np.arange(kv.block_size, dtype=np.int64)
         self.graphs = None  # cuda_graphs.DecodeGraphs on CUDA (the engine sets it up)
 
@@ -142,6 +143,7 @@ class ModelRunner:
             decode_tables=tables,
             decode_lens=lens,
             prefills=prefills,
+            ops=self.ops,
         )
 
 
