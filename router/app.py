@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 from aiohttp import web
 
 from router.auth import api_key_middleware
@@ -429,9 +430,14 @@ class Router:
         t_first = None
         n = 0
         labels = (spec.slo_class,)
+        queue = stream.queue
         while True:
             try:
-                msg = await asyncio.wait_for(stream.queue.get(), self.cfg.request_timeout_s)
+                if queue.empty():  # NOTE: a timer, not wait_for's task per token
+                    async with asyncio.timeout(self.cfg.request_timeout_s):
+                        msg = await queue.get()
+                else:
+                    msg = queue.get_nowait()
             except TimeoutError:
                 raise ApiError(
                     504,
@@ -508,7 +514,7 @@ class Router:
         await resp.prepare(request)
 
         async def send(obj: dict | None) -> None:
-            payload = b"[DONE]" if obj is None else json.dumps(obj).encode()
+            payload = b"[DONE]" if obj is None else _json_bytes(obj)
             await resp.write(b"data: " + payload + b"\n\n")
 
         try:
@@ -539,6 +545,14 @@ class Router:
             obj = "chat.completion.chunk" if chat else "text_completion"
             await send(usage_chunk(rid, self.model, created, obj, usage(num_prompt, n)))
         await send(None)  # data: [DONE]
+
+
+_json_encoder = msgspec.json.Encoder()
+
+
+def _json_bytes(obj: dict) -> bytes:
+    """One SSE payload: msgspec's encoder (C, ~5x json.dumps; this runs once per token)."""
+    return _json_encoder.encode(obj)
 
 
 async def _chain(first, gen):

@@ -53,6 +53,7 @@ from tideserve.protocol import (
     RequestFailed,
     SetLimits,
     SwitchRole,
+    TokenBatch,
     TokenChunk,
     Welcome,
     decode,
@@ -298,6 +299,7 @@ class Cluster:
             Heartbeat: self.handle_heartbeat,
             Goodbye: self.handle_goodbye,
             TokenChunk: self.handle_tokens,
+            TokenBatch: self.handle_token_batch,
             RequestFailed: self.handle_failed,
             MigrationDone: self.handle_migration_done,
             MigrationFailed: self.handle_migration_failed,
@@ -756,6 +758,16 @@ class Cluster:
         if s is None or worker_id not in (s.prefill, s.target, s.migrating_to):
             return None
         return s
+
+    def handle_token_batch(self, msg: TokenBatch) -> None:
+        for chunk in msg.chunks:
+            if chunk.worker_id != msg.worker_id:
+                log.warning("dropping a chunk of %r sent by %r", chunk.worker_id, msg.worker_id)
+                continue
+            try:
+                self.handle_tokens(chunk)
+            except Exception:  # NOTE: one request's bad chunk must not drop the others
+                log.exception("dropping a TokenChunk for %s that failed", chunk.request_id)
 
     def handle_tokens(self, msg: TokenChunk) -> None:
         s = self._current(msg.request_id, msg.worker_id)

@@ -7,8 +7,9 @@ services dispatch on the type through a `{type: handler}` table. Decoding is bou
 sizes, counts) and rejects other protocol versions in `Hello`. Nothing is ever pickled.
 
 Who sends what:
-    worker -> router     Hello, Heartbeat, Goodbye, TokenChunk, RequestFailed, MigrationDone,
-                         MigrationFailed, HostReplica (the router forwards it to its host_id)
+    worker -> router     Hello, Heartbeat, Goodbye, TokenChunk, TokenBatch (a step's chunks in
+                         one message), RequestFailed, MigrationDone, MigrationFailed,
+                         HostReplica (the router forwards it to its host_id)
     router -> worker     PrefillRequest, GenerateRequest, AbortRequest, Welcome, Rejoin,
                          SetLimits, SwitchRole, MigrateRequest, CancelMigration, ModuleCommand,
                          HostReplica
@@ -244,6 +245,15 @@ class TokenChunk(msgspec.Struct, tag="tokens", array_like=True, frozen=True):
     is_first: bool = False  # the prefill worker's first token; decode follows elsewhere
 
 
+class TokenBatch(msgspec.Struct, tag="token_batch", array_like=True, frozen=True):
+    """Worker -> router: the TokenChunks of one engine step, in one message. At batch 32 that
+    is one decode and one wake-up for the router instead of 32 (each chunk keeps its own
+    request id; `worker_id` must match every chunk's)."""
+
+    worker_id: str
+    chunks: list[TokenChunk]
+
+
 class RequestFailed(msgspec.Struct, tag="failed", array_like=True, frozen=True):
     request_id: str
     worker_id: str
@@ -453,6 +463,7 @@ Message = (
     | GenerateRequest
     | AbortRequest
     | TokenChunk
+    | TokenBatch
     | RequestFailed
     | KVBegin
     | KVLayer

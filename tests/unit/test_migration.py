@@ -24,6 +24,7 @@ from tideserve.protocol import (
     MigrationDone,
     MigrationFailed,
     Params,
+    TokenBatch,
     TokenChunk,
 )
 from tideserve.roles.decode import DecodeWorker
@@ -86,7 +87,8 @@ def _tick(*ws) -> None:
 
 
 def _sent(w, kind):
-    return [m for m in w.link.sent if isinstance(m, kind)]
+    flat = [c for m in w.link.sent for c in (m.chunks if isinstance(m, TokenBatch) else [m])]
+    return [m for m in flat if isinstance(m, kind)]
 
 
 def _tokens(*ws) -> list[int]:

@@ -53,6 +53,7 @@ MESSAGES = [
     p.AbortRequest("r1"),
     p.TokenChunk("r1", "w1", [5, 6], "stop", 3, [{5: -0.1}, {6: -0.2, 7: -1.5}], True),
     p.TokenChunk("r1", "w1", [5]),
+    p.TokenBatch("w1", [p.TokenChunk("r1", "w1", [5]), p.TokenChunk("r2", "w1", [7], "length", 4)]),
     p.RequestFailed("r1", "w1", "boom", True),
     p.KVBegin("r1", "w0", "tcp://h:2", [1, 2, 3], [], 3, PARAMS, 0, 30, META),
     p.KVLayer("r1", 4, META, "seg", 128),

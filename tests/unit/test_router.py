@@ -29,6 +29,7 @@ from tideserve.protocol import (
     Heartbeat,
     Hello,
     RequestFailed,
+    TokenBatch,
     TokenChunk,
     decode,
     encode,
@@ -334,5 +335,45 @@ async def test_client_disconnect_aborts_on_the_worker(tokenizer_dir, tok):
                     break
                 await asyncio.sleep(0.05)
             assert len(w.aborted()) == 1
+        finally:
+            await w.close()
+
+
+class BatchingWorker(FakeWorker):
+    """Answers two requests at once, one TokenBatch per 'step' (as the decode worker does),
+    with a stray chunk that names another worker in each batch."""
+
+    async def _serve(self) -> None:
+        pending = []
+        while True:
+            msg, _ = decode(await self.sock.recv_multipart())
+            self.received.append(msg)
+            if isinstance(msg, GenerateRequest):
+                pending.append(msg)
+            if len(pending) == 2:
+                for i, tok in enumerate(self.tokens):
+                    finish = "length" if i == len(self.tokens) - 1 else None
+                    chunks = [TokenChunk(m.request_id, self.wid, [tok], finish) for m in pending]
+                    chunks.append(TokenChunk(pending[0].request_id, "intruder", [tok]))
+                    await self.sock.send_multipart(encode(TokenBatch(self.wid, chunks)))
+                pending = []
+
+
+async def test_token_batches_reach_every_request(tokenizer_dir, tok):
+    async with router(tokenizer_dir) as (_, client, addr):
+        w = BatchingWorker(addr, "w0", tok.encode("Hello, world!"))
+        await w.start()
+        try:
+            await wait_ready(client)
+
+            async def one():
+                body = {"model": MODEL, "prompt": "hi", "max_tokens": 50}
+                resp = await client.post("/v1/completions", json=body)
+                return resp.status, await resp.json()
+
+            for status, body in await asyncio.gather(one(), one()):
+                assert status == 200, body
+                assert body["choices"][0]["text"] == "Hello, world!"
+                assert body["usage"]["completion_tokens"] == 13
         finally:
             await w.close()

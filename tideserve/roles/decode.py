@@ -33,6 +33,7 @@ from tideserve.protocol import (
     MigrateRequest,
     ModuleCommand,
     RequestFailed,
+    TokenBatch,
     TokenChunk,
 )
 from tideserve.roles.migration import MigrationSink, MigrationSource
@@ -245,17 +246,21 @@ class DecodeWorker:
             outs = self.phases.step(self.loop.heartbeat)
         else:
             outs = self.engine.step(on_layer=self.loop.heartbeat)
-        for out in outs:
-            self.link.send(
-                TokenChunk(
-                    request_id=out.request_id,
-                    worker_id=self.wid,
-                    token_ids=out.new_token_ids,
-                    finish_reason=out.finish_reason,
-                    num_prompt_tokens=out.num_prompt_tokens,
-                    logprobs=out.new_logprobs or None,
-                )
+        chunks = [
+            TokenChunk(
+                request_id=out.request_id,
+                worker_id=self.wid,
+                token_ids=out.new_token_ids,
+                finish_reason=out.finish_reason,
+                num_prompt_tokens=out.num_prompt_tokens,
+                logprobs=out.new_logprobs or None,
             )
+            for out in outs
+        ]
+        if len(chunks) == 1:
+            self.link.send(chunks[0])
+        elif chunks:  # one message per step, not one per request
+            self.link.send(TokenBatch(self.wid, chunks))
         return True
 
     def stats(self):
