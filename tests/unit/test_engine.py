@@ -375,3 +375,29 @@ def test_fused_ops_and_torch_ops_give_the_same_tokens(tiny_model_dir):
         results.append(run(e))
         assert_no_leak(e)
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_greedy_argmax_reads_logits_in_the_model_dtype(dtype):
+    """The sampler's row argmax (the CPU kernel, or torch's) picks what float32 argmax picks,
+    the first index among equal maxima included; random and logprob rows are unaffected."""
+    from tideserve.engine.sampler import Sampler
+
+    ops = _fused_ops()
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(5, 1000, generator=gen).to(dtype)
+    logits[1, 10] = logits[1, 700] = 40.0  # a tie: the first wins
+    logits[2, -1] = 40.0  # the last column
+    logits[3, 0] = 40.0  # the first column
+    expected = logits.float().argmax(dim=-1)
+    assert expected[1] == 10
+    greedy = [SamplingParams(temperature=0.0)] * 5
+    for sampler in (Sampler(ops.argmax_rows), Sampler()):
+        out = sampler(logits, greedy, [str(i) for i in range(5)])
+        assert out.token_ids == expected.tolist()
+    mixed = [SamplingParams(temperature=0.0, logprobs=2)] + [
+        SamplingParams(temperature=1.0, seed=i) for i in range(4)
+    ]
+    a = Sampler(ops.argmax_rows)(logits, mixed, list("abcde"))
+    b = Sampler()(logits.float(), mixed, list("abcde"))
+    assert a.token_ids == b.token_ids and a.logprobs == b.logprobs

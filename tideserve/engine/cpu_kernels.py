@@ -77,6 +77,18 @@ static inline __m512 sum16(__m512 v[16]) {
                        _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
 }
 
+// Prefetches rows [from, to) of a paged K or V (the hardware prefetcher cannot guess the jump
+// from one block to the next; the KV of a batch is far larger than the caches).
+template <typename T>
+static inline void prefetch_rows(const T* base, const int64_t* slot_of, int64_t from, int64_t to,
+                                 int64_t D) {
+  for (int64_t i = from; i < to; ++i) {
+    const char* row = reinterpret_cast<const char*>(base + slot_of[i] * D);
+    for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64)
+      _mm_prefetch(row + off, _MM_HINT_T0);
+  }
+}
+
 // One (sequence, kv head) task with head_dim = 16 * NV, in fp32 registers.
 template <typename T, int NV>
 static void decode_task_avx512(const T* qp, const T* kp, const T* vp, const int64_t* slot_of,
@@ -87,6 +99,7 @@ static void decode_task_avx512(const T* qp, const T* kp, const T* vp, const int6
       _mm512_storeu_ps(qf + g * D + 16 * j,
                        _mm512_mul_ps(load16(qp + g * D + 16 * j), _mm512_set1_ps(sc)));
   // pass 1: scores [G, L], 16 positions at a time
+  prefetch_rows(kp, slot_of, 0, std::min<int64_t>(L, 32), D);
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // bf16 pairs multiply exactly into fp32 (vdpbf16ps): no widening of K, half the FMAs
@@ -100,6 +113,8 @@ static void decode_task_avx512(const T* qp, const T* kp, const T* vp, const int6
           qb[g][j] = (__m512bh)_mm512_loadu_si512(qp + (g0 + g) * D + 32 * j);
       for (int64_t p0 = 0; p0 < L; p0 += 16) {
         const int64_t n = std::min<int64_t>(16, L - p0);
+        prefetch_rows(kp, slot_of, std::min(L, p0 + 32), std::min(L, p0 + 48), D);
+        prefetch_rows(vp, slot_of, p0, p0 + n, D);  // pass 3 then reads V from the cache
         __m512bh kb[16][NP];
         for (int64_t i = 0; i < 16; ++i)
           for (int j = 0; j < NP; ++j)
@@ -121,6 +136,8 @@ static void decode_task_avx512(const T* qp, const T* kp, const T* vp, const int6
 #endif
   for (int64_t p0 = 0; p0 < L; p0 += 16) {
     const int64_t n = std::min<int64_t>(16, L - p0);
+    prefetch_rows(kp, slot_of, std::min(L, p0 + 32), std::min(L, p0 + 48), D);
+    prefetch_rows(vp, slot_of, p0, p0 + n, D);
     __m512 kv[16][NV];
     for (int64_t i = 0; i < 16; ++i)
       for (int j = 0; j < NV; ++j)
@@ -444,6 +461,34 @@ torch::Tensor silu_mul(torch::Tensor gu) {
   });
   return out;
 }
+
+// argmax of each row of [N, V] logits (the first index of the maximum, as torch.argmax), read
+// in the model dtype: greedy decoding then needs no float32 copy of the logits.
+template <typename T>
+static void argmax_rows_impl(const T* x, int64_t* out, int64_t rows, int64_t V) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* row = x + t * V;
+      float mx = ld(row, 0);
+#pragma omp simd reduction(max:mx)
+      for (int64_t j = 1; j < V; ++j) mx = std::max(mx, ld(row, j));
+      int64_t idx = 0;
+      for (int64_t j = 0; j < V; ++j)
+        if (ld(row, j) == mx) { idx = j; break; }
+      out[t] = idx;
+    }
+  });
+}
+
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.size(1) > 0, "argmax_rows: contiguous [N, V]");
+  auto out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "argmax_rows", [&] {
+    argmax_rows_impl<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), x.size(0),
+                               x.size(1));
+  });
+  return out;
+}
 """
 
 _lock = threading.Lock()
@@ -464,7 +509,7 @@ def load():
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="tideserve_cpu_kernels_v6",
+                name="tideserve_cpu_kernels_v11",
                 cpp_sources=[_SOURCE],
                 functions=[
                     "paged_decode_attention",
@@ -472,6 +517,7 @@ def load():
                     "add_rms_norm",
                     "rope_write_kv",
                     "silu_mul",
+                    "argmax_rows",
                 ],
                 # NOTE: -ffast-math lets the exp loop use glibc's vector exp (libmvec); the
                 # kernel keeps no infinities or NaNs in flight, which fast-math assumes away.

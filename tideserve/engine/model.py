@@ -181,7 +181,7 @@ class LlamaModel(nn.Module):
         batch: AttentionBatch,
         logits_indices: torch.Tensor,  # [N] rows of the batch that sample
         layer_hook=None,  # called with the layer index after each layer (KV streaming)
-    ) -> torch.Tensor:  # [N, vocab] float32
+    ) -> torch.Tensor:  # [N, vocab] in the model dtype
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         batch.cos, batch.sin = self.rotary.tables(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
@@ -189,7 +189,7 @@ class LlamaModel(nn.Module):
             if layer_hook is not None:
                 layer_hook(i)
         x = self.model.norm(x[logits_indices])  # [N, hidden]
-        return self.lm_head(x).float()
+        return self.lm_head(x)  # the sampler widens only the rows that need it
 
 
 def _fuse_linears(linears: list[nn.Linear]) -> nn.Linear:

@@ -25,9 +25,9 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = device
-        self.sampler = Sampler()
         self.kernel = cpu_kernels.load() if device.type == "cpu" and use_cpu_kernels else None
         self.ops = self.kernel  # the fused norm/rotary/SiLU ops live in the same module
+        self.sampler = Sampler(self.kernel.argmax_rows if self.kernel is not None else None)
         self._arange = np.arange(kv.block_size, dtype=np.int64)
         self.graphs = None  # cuda_graphs.DecodeGraphs on CUDA (the engine sets it up)
 
@@ -45,8 +45,8 @@ class ModelRunner:
         return rows, self.sampler(logits, params, ids)
 
     def forward_logits(self, step: SchedulerOutput, layer_hook=None) -> torch.Tensor:
-        """[N, V] float32 logits of the scheduled items that sample, in batch order (decodes
-        are put in context-length order first, for the decode groups)."""
+        """[N, V] logits (model dtype) of the scheduled items that sample, in batch order
+        (decodes are put in context-length order first, for the decode groups)."""
         if self.graphs is not None and layer_hook is None:
             logits = self.graphs.run(step)  # None: not a decode-only step a graph fits
             if logits is not None:

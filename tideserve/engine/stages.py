@@ -111,7 +111,7 @@ class StageModel(nn.Module):
         batch: AttentionBatch,
         logits_indices: torch.Tensor,  # [N] rows of the batch that sample
         layer_hook=None,  # called with the model-wide layer index after each layer
-    ) -> torch.Tensor:  # last stage: [N, vocab] float32 logits; else [T, hidden]
+    ) -> torch.Tensor:  # last stage: [N, vocab] logits (model dtype); else [T, hidden]
         if self.layer_range.is_first:
             x = self.model.embed_tokens(x)  # [T, hidden]
         batch.cos, batch.sin = self.rotary.tables(positions, x.dtype)
@@ -122,7 +122,7 @@ class StageModel(nn.Module):
         if not self.layer_range.is_last:
             return x
         x = self.model.norm(x[logits_indices])  # [N, hidden]
-        return self.lm_head(x).float()
+        return self.lm_head(x)  # the sampler widens only the rows that need it
 
 
 def load_stage(
