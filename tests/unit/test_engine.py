@@ -401,3 +401,11 @@ def test_greedy_argmax_reads_logits_in_the_model_dtype(dtype):
     a = Sampler(ops.argmax_rows)(logits, mixed, list("abcde"))
     b = Sampler()(logits.float(), mixed, list("abcde"))
     assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
+def test_kv_cache_asks_for_huge_pages_and_starts_zeroed(tiny_model_dir):
+    from tideserve.engine.kv_cache import advise_huge_pages
+
+    assert advise_huge_pages(torch.empty(1024)) is False  # under 2 MiB: nothing to advise
+    e = make_engine(tiny_model_dir, kv_cache_bytes=8 << 20)
+    assert e.runner.kv.tensor.abs().sum() == 0

@@ -8,6 +8,9 @@ can stream layer by layer while the model is still computing the next one.
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 
 from tideserve.engine.model_config import ModelConfig
@@ -37,12 +40,37 @@ def cuda_kv_budget(fraction: float, device: torch.device) -> int:
     return max(0, int(total * fraction) - used)
 
 
+_MADV_HUGEPAGE = 14
+_HUGE = 1 << 21
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Asks Linux for 2 MiB pages under a large, not yet touched CPU tensor (where transparent
+    huge pages are `madvise`, the usual default). Decode attention reads every sequence's KV
+    blocks each step; with 4 KiB pages that is a TLB miss every few blocks. False where the
+    call is unavailable or refused: the tensor works the same, on small pages."""
+    nbytes = t.numel() * t.element_size()
+    start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+    end = (t.data_ptr() + nbytes) & ~(_HUGE - 1)
+    if end <= start or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (cfg.num_layers, 2, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
-        self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+        self.tensor = torch.empty(shape, dtype=dtype, device=device)
+        if self.tensor.device.type == "cpu":
+            advise_huge_pages(self.tensor)
+        self.tensor.zero_()  # first touch: after the advice, so the pages are huge
 
     @property
     def num_layers(self) -> int:
