@@ -409,3 +409,22 @@ def test_kv_cache_asks_for_huge_pages_and_starts_zeroed(tiny_model_dir):
     assert advise_huge_pages(torch.empty(1024)) is False  # under 2 MiB: nothing to advise
     e = make_engine(tiny_model_dir, kv_cache_bytes=8 << 20)
     assert e.runner.kv.tensor.abs().sum() == 0
+
+
+def test_cpu_kernel_rows_do_not_depend_on_chunking(tiny_model_dir):
+    """With the CPU kernel every row attends on its own, so a prompt's KV is bit-identical
+    whether it is prefilled in one chunk or in many small ones beside other requests."""
+    prompt = random_prompts(1, seed=41, lo=100, hi=100)[0]
+    kvs = []
+    for budget in (512, 16):
+        e = make_engine(tiny_model_dir, max_num_batched_tokens=budget)
+        if e.runner.kernel is None:
+            pytest.skip("the CPU kernel could not be built here")
+        e.add_request("x", prompt, SamplingParams(max_tokens=1, **GREEDY), hold_kv=True)
+        for i, p in enumerate(random_prompts(3, seed=42)):
+            e.add_request(f"other{i}", p, SamplingParams(max_tokens=4, **GREEDY))
+        run(e)
+        kvs.append([e.export_kv_layer("x", n) for n in range(e.model_config.num_layers)])
+        e.release("x")
+        assert_no_leak(e)
+    assert all(torch.equal(a, b) for a, b in zip(*kvs))

@@ -1,12 +1,16 @@
 """Paged attention for one layer of a flattened mixed batch.
 
 A step's tokens are laid out as [decode tokens (one per sequence) | prefill chunks]. On the
-CPU, decodes go through the fused C++ kernel (`cpu_kernels.py`), which walks each block table
-in place. Otherwise (CUDA, or no compiler) they attend in torch: sorted by context length, in
-a few padded groups of similar lengths (so a short sequence does not pay for the longest
-one's padding). Each prefill chunk attends on its own with SDPA and a causal mask offset by
-the tokens already in its cache. A sequence therefore runs the same kernels whatever else is
-in the batch (batch invariance).
+CPU, every row goes through the fused C++ kernel (`cpu_kernels.py`), which walks the row's
+block table in place: a decode over its whole context, a prefill token over its own position
+and those before it. So a row's arithmetic depends on nothing but its own context, not on how
+its prompt was chunked nor on what else is in the batch; for the short chunks of a busy server
+it is also 2-3x faster than SDPA's CPU flash kernel (1.75 against 4.7 ms for 8 chunks of 128
+tokens, 9 heads), at 1,024-token chunks ~25% slower. Otherwise (CUDA, or no compiler) rows
+attend in torch: decodes sorted by context length, in a few padded groups of similar lengths
+(so a short sequence does not pay for the longest one's padding); each prefill chunk on its
+own with SDPA and a causal mask offset by the tokens already in its cache. A sequence thus
+runs the same kernels whatever else is in the batch (batch invariance).
 
 One layer's cache is [2 (k, v), kvh, S (slots), hd] with S = num_blocks * block_size. Reads
 gather whole blocks (block_size * hd contiguous values each), which yields [2, kvh, B*L, hd]
@@ -47,9 +51,9 @@ class AttentionBatch:
     block_size: int
     decode_groups: list[DecodeGroup]  # the torch path
     prefills: list[PrefillChunk]
-    decode_kernel: object | None = None  # the compiled CPU kernel module, when used instead
-    decode_tables: torch.Tensor | None = None  # [B, nb] block tables (kernel path)
-    decode_lens: torch.Tensor | None = None  # [B] context lengths (kernel path)
+    decode_kernel: object | None = None  # the compiled CPU kernel module (attends every row)
+    decode_tables: torch.Tensor | None = None  # [T, nb] each row's block table (kernel path)
+    decode_lens: torch.Tensor | None = None  # [T] each row's context length (kernel path)
     cos: torch.Tensor | None = None  # [T, 1, hd] rotary tables for this step's positions
     sin: torch.Tensor | None = None
     ops: object | None = None  # the compiled CPU module's fused row-wise ops, when used
@@ -73,23 +77,13 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [T, H, hd]
-    if batch.decode_kernel is not None and batch.num_decodes:
-        dec = batch.decode_kernel.paged_decode_attention(
-            q[: batch.num_decodes].contiguous(),
-            cache,
-            batch.decode_tables,
-            batch.decode_lens,
-            batch.block_size,
-            scale,
+    if batch.decode_kernel is not None:  # every row, decodes and prefill tokens alike
+        return batch.decode_kernel.paged_decode_attention(
+            q.contiguous(), cache, batch.decode_tables, batch.decode_lens, batch.block_size, scale
         )
-        if not batch.prefills:
-            return dec
-        out = torch.empty_like(q)
-        out[: batch.num_decodes] = dec
-    elif len(batch.decode_groups) == 1 and not batch.prefills:
+    if len(batch.decode_groups) == 1 and not batch.prefills:
         return _decode_attention(q, cache, batch.decode_groups[0], batch.block_size, scale)
-    else:
-        out = torch.empty_like(q)
+    out = torch.empty_like(q)
     for g in batch.decode_groups:
         sl = slice(g.start, g.start + g.size)
         out[sl] = _decode_attention(q[sl], cache, g, batch.block_size, scale)

@@ -85,13 +85,21 @@ class ModelRunner:
         blocks = np.asarray(block_table[: -(-end // bs)], dtype=np.int64)
         return (blocks[:, None] * bs + self._arange).reshape(-1)[start:end]
 
-    def _decode_tables(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kernel_rows(self, items: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables [T, nb] and context lengths [T] of every row of the batch, for the CPU
+        kernel: a decode attends to its whole context, a prefill token (causally) to its own
+        position and those before it. Each row thus gets the same arithmetic however the
+        prompt was chunked and whatever else is in the batch."""
         bs = self.kv.block_size
-        lens = np.array([d.start + 1 for d in decodes], dtype=np.int64)
-        tables = np.zeros((len(decodes), -(-int(lens.max()) // bs)), dtype=np.int64)
-        for b, d in enumerate(decodes):
-            table = d.seq.block_table[: -(-int(lens[b]) // bs)]
-            tables[b, : len(table)] = table
+        ends = [it.start + it.num_tokens for it in items]
+        tables = np.zeros((sum(it.num_tokens for it in items), -(-max(ends) // bs)), np.int64)
+        lens = np.empty(tables.shape[0], dtype=np.int64)
+        row = 0
+        for it, end in zip(items, ends):
+            table = it.seq.block_table[: -(-end // bs)]
+            tables[row : row + it.num_tokens, : len(table)] = table
+            lens[row : row + it.num_tokens] = np.arange(it.start + 1, end + 1)
+            row += it.num_tokens
         return torch.from_numpy(tables), torch.from_numpy(lens)
 
     def _decode_group(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,16 +120,23 @@ class ModelRunner:
     ) -> AttentionBatch:
         dev = self.device
         bs = self.kv.block_size
-        groups, tables, lens = [], None, None
-        if self.kernel is not None and step.decodes:
-            tables, lens = self._decode_tables(step.decodes)
-        else:
-            start = 0
-            for members in _length_groups([d.start + 1 for d in step.decodes]):
-                blocks, bias = self._decode_group([step.decodes[i] for i in members])
-                groups.append(DecodeGroup(start, len(members), blocks, bias))
-                start += len(members)
-        prefills = []
+        batch = AttentionBatch(
+            slot_mapping=torch.from_numpy(np.concatenate(slot_mapping)).to(dev),
+            num_decodes=len(step.decodes),
+            block_size=bs,
+            decode_groups=[],
+            prefills=[],
+            ops=self.ops,
+        )
+        if self.kernel is not None:
+            batch.decode_kernel = self.kernel
+            batch.decode_tables, batch.decode_lens = self._kernel_rows(step.decodes + step.prefills)
+            return batch
+        start = 0
+        for members in _length_groups([d.start + 1 for d in step.decodes]):
+            blocks, bias = self._decode_group([step.decodes[i] for i in members])
+            batch.decode_groups.append(DecodeGroup(start, len(members), blocks, bias))
+            start += len(members)
         q_start = len(step.decodes)
         for p in step.prefills:
             end = p.start + p.num_tokens
@@ -132,19 +147,9 @@ class ModelRunner:
             if p.start:
                 rows = np.arange(p.start, end)[:, None]
                 mask = torch.from_numpy(np.arange(end)[None, :] <= rows).to(dev)
-            prefills.append(PrefillChunk(q_start, p.num_tokens, ctx_blocks, end, mask))
+            batch.prefills.append(PrefillChunk(q_start, p.num_tokens, ctx_blocks, end, mask))
             q_start += p.num_tokens
-        return AttentionBatch(
-            slot_mapping=torch.from_numpy(np.concatenate(slot_mapping)).to(dev),
-            num_decodes=len(step.decodes),
-            block_size=bs,
-            decode_groups=groups,
-            decode_kernel=self.kernel if tables is not None else None,
-            decode_tables=tables,
-            decode_lens=lens,
-            prefills=prefills,
-            ops=self.ops,
-        )
+        return batch
 
 
 def _length_groups(lens: list[int], max_waste: float = 0.25, min_group: int = 4) -> list[list[int]]:
