@@ -18,7 +18,9 @@ throughput  32 concurrent streaming clients, each a distinct 128-token prompt an
             (p50 TTFT ~2.6 s) in bf16 and ~189 (~4.1 s) in f32 (shared/PEERS.md).
             --peer-server PATH --peer-model GGUF adds llama.cpp's llama-server (32 slots, all
             cores, continuous batching) as a third mode in the same rounds, with the same client
-            and prompts: the machine drifts, so the peer is measured beside us, not quoted.
+            and prompts: the machine drifts, so the peer is measured beside us, not quoted. Its
+            KV cache is f32 for --dtype float32 (equal precision; its default is f16 for every
+            model), f16 otherwise.
 Modes run one after the other, alternating (A B A B) with --rounds. Each server gets the
 machine's cores split between its workers.
 """
@@ -52,7 +54,15 @@ def Serve(mode: str, dtype: str, extra: list[str]) -> ServeProcess:
 class LlamaServer:
     """llama.cpp's llama-server on a free loopback port, for the same-run peer comparison."""
 
-    def __init__(self, binary: str, gguf: str, slots: int, ctx_per_slot: int) -> None:
+    # NOTE: llama-server keeps its KV cache in f16 whatever the weights' type. For a float32
+    # run that would be half the KV bytes ours reads, so it gets an f32 cache (equal precision
+    # end to end); a bfloat16 run keeps its default f16 cache (the same 2 bytes, its fast path).
+    KV_TYPES = {"float32": "f32", "bfloat16": "f16", "float16": "f16"}
+
+    def __init__(
+        self, binary: str, gguf: str, slots: int, ctx_per_slot: int, dtype: str = "bfloat16"
+    ) -> None:
+        kv = self.KV_TYPES.get(dtype, "f16")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -60,7 +70,7 @@ class LlamaServer:
         self.cmd = [
             binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(self.port),
             "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(os.cpu_count() or 1),
-            "-cb", "--no-webui", "--log-disable",
+            "-cb", "--no-webui", "--log-disable", "-ctk", kv, "-ctv", kv,
         ]  # fmt: skip
 
     def __enter__(self) -> LlamaServer:
@@ -121,7 +131,9 @@ def bench(kind: str, args) -> list[dict]:
         for mode in modes:
             workers = ["--decode", "2"] if args.per_device and mode == "colocated" else []
             if mode == "llama-server":
-                server = LlamaServer(args.peer_server, args.peer_model, 32, 128 + 128 + 16)
+                server = LlamaServer(
+                    args.peer_server, args.peer_model, 32, 128 + 128 + 16, args.dtype
+                )
             else:
                 server = Serve(mode, args.dtype, extra + workers)
             with server as srv:
