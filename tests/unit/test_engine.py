@@ -32,6 +32,15 @@ def random_prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 90) -> list[lis
     return [[rng.randrange(3, 512) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
+def greedy_outputs(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Runs every prompt greedily to `max_tokens` on `engine`; its outputs by request id."""
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=max_tokens, **GREEDY))
+    out = run(engine)
+    assert_no_leak(engine)
+    return out
+
+
 def test_batch_invariance_with_chunked_prefill(tiny_model_dir):
     prompts = random_prompts(16)
     alone = make_engine(tiny_model_dir, max_num_batched_tokens=512)
@@ -246,19 +255,20 @@ def test_layer_streaming_hook_hands_off_a_prefill(tiny_model_dir):
     assert_no_leak(dst)
 
 
-def test_cpu_kernel_and_torch_attention_paths_agree(tiny_model_dir):
+@pytest.mark.parametrize("part", ["kernel", "ops"])
+def test_cpu_kernels_and_the_torch_path_agree(tiny_model_dir, part):
+    """The CPU attention kernel (`kernel`) and the fused row-wise ops (`ops`), each against
+    the torch code it replaces (the CUDA path's): the same greedy tokens on the tiny model
+    (fp32: they differ by rounding at most)."""
     prompts = random_prompts(12, seed=21, lo=1, hi=120)
     results = []
-    for use_kernel in (True, False):
+    for use in (True, False):
         e = make_engine(tiny_model_dir, max_num_batched_tokens=64)
-        if not use_kernel:
-            e.runner.kernel = None
-        elif e.runner.kernel is None:
-            pytest.skip("the CPU attention kernel could not be built here")
-        for i, p in enumerate(prompts):
-            e.add_request(str(i), p, SamplingParams(max_tokens=10, **GREEDY))
-        results.append(run(e))
-        assert_no_leak(e)
+        if getattr(e.runner, part) is None:
+            pytest.skip("the CPU kernels could not be built here")
+        if not use:
+            setattr(e.runner, part, None)
+        results.append(greedy_outputs(e, prompts, 10))
     assert results[0] == results[1]
 
 
@@ -269,10 +279,7 @@ def test_cuda_engine_matches_cpu(tiny_model_dir):
     results = []
     for device in ("cpu", "cuda"):
         e = make_engine(tiny_model_dir, device=device, max_num_batched_tokens=48)
-        for i, p in enumerate(prompts):
-            e.add_request(str(i), p, SamplingParams(max_tokens=8, **GREEDY))
-        results.append(run(e))
-        assert_no_leak(e)
+        results.append(greedy_outputs(e, prompts, 8))
     assert results[0] == results[1]
 
 
@@ -358,23 +365,6 @@ def test_fused_cpu_ops_match_the_torch_ops(dtype):
     check = torch.equal if exact else lambda a, b: torch.allclose(a, b, atol=1e-6, rtol=1e-6)
     assert check(q, rotated[:, :H]) and check(cache, ref_cache)
     assert cache[:, :, [s for s in range(S) if s not in set(slots.tolist())]].abs().sum() == 0
-
-
-def test_fused_ops_and_torch_ops_give_the_same_tokens(tiny_model_dir):
-    """The engine with the fused row-wise ops and without them (the CUDA path's torch ops):
-    same greedy tokens on the tiny model (fp32: they differ by rounding at most)."""
-    _fused_ops()
-    prompts = random_prompts(10, seed=23, lo=1, hi=120)
-    results = []
-    for fused in (True, False):
-        e = make_engine(tiny_model_dir, max_num_batched_tokens=64)
-        if not fused:
-            e.runner.ops = None
-        for i, p in enumerate(prompts):
-            e.add_request(str(i), p, SamplingParams(max_tokens=10, **GREEDY))
-        results.append(run(e))
-        assert_no_leak(e)
-    assert results[0] == results[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
