@@ -33,12 +33,14 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 from tideserve.bench.client import stream_completion, summarize
 from tideserve.engine.default_model import DEFAULT_MODEL_NAME, prepare_default_model
@@ -116,6 +118,25 @@ async def run_load(url: str, batch: list[list[int]], max_tokens: int, concurrenc
         return summarize(list(timings), time.perf_counter() - t0)
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of a server's processes, by part: `router`,
+    `workers`, or `server` for a single process (llama-server); what the load costs each."""
+    out: dict[str, float] = {}
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            cmd, t = " ".join(p.cmdline()), p.cpu_times()
+        except psutil.Error:
+            continue
+        part = "server"
+        if " router " in cmd:
+            part = "router"
+        elif " decode " in cmd or " prefill " in cmd:
+            part = "workers"
+        out[part] = out.get(part, 0.0) + t.user + t.system
+    return out
+
+
 def bench(kind: str, args) -> list[dict]:
     rows = []
     extra = ["--max-num-batched-tokens", str(args.max_batched)]
@@ -139,10 +160,13 @@ def bench(kind: str, args) -> list[dict]:
             with server as srv:
                 warm = prompts(2, 128, seed=999)
                 asyncio.run(run_load(srv.url, warm, 8, 2))
+                cpu0 = cpu_seconds(srv.proc.pid)
                 if kind == "latency":
                     res = asyncio.run(run_load(srv.url, prompts(args.n, 128, r), 64, 1))
                 else:
                     res = asyncio.run(run_load(srv.url, prompts(32, 128, 100 + r), 128, 32))
+                cpu1 = cpu_seconds(srv.proc.pid)
+            res["cpu_s"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1}
             res |= {"mode": mode, "round": r, "dtype": args.dtype, "kind": kind}
             res["setup"] = "per-device" if args.per_device else "split"
             rows.append(res)
@@ -165,6 +189,13 @@ def report(kind: str, rows: list[dict]) -> None:
         print(
             f"| {mode} | {tok_s:.1f} | {ttft50:.0f} ms | {ttft90:.0f} ms | {tpot:.1f} ms | {errs} |"
         )
+    print("\nCPU seconds during the load, by process (medians):")
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r["cpu_s"] for r in rows if r["mode"] == mode]
+        parts = sorted({k for c in mine for k in c})
+        med = {p: statistics.median(c.get(p, 0.0) for c in mine) for p in parts}
+        shown = ", ".join(f"{p} {v:.2f}" for p, v in med.items())
+        print(f"  {mode}: {shown}")
     if any(r["mode"] == "llama-server" for r in rows):
         for mode in [
             m for m in ("colocated", "disaggregated") if any(r["mode"] == m for r in rows)
