@@ -31,7 +31,9 @@ from typing import Annotated, Literal
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 1
+# NOTE: 2 since decode workers send TokenBatch, which a version-1 router cannot read: the
+# Hello check then refuses the mix at once instead of leaving its requests without tokens.
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 4 << 20  # a msgpack header larger than this is rejected
 MAX_TENSOR_BYTES = 1 << 31  # one raw tensor frame
 MAX_FRAMES = 64

@@ -143,6 +143,7 @@ class DecoderLayer(nn.Module):
         # NOTE: the fused CPU ops (cpu_kernels.py) round where the torch ops above do; one call
         # each for the norm, the residual add with the next norm, and SiLU * up.
         norm1, norm2, mlp = self.input_layernorm, self.post_attention_layernorm, self.mlp
+        x = x.contiguous()  # (hidden states from another stage arrive as they were sent)
         n = ops.rms_norm(x, norm1.weight, norm1.eps)
         x, n = ops.add_rms_norm(x, self.self_attn(n, cache, batch), norm2.weight, norm2.eps)
         return x + mlp.down_proj(ops.silu_mul(mlp.gate_up(n)))
