@@ -22,7 +22,8 @@ throughput  32 concurrent streaming clients, each a distinct 128-token prompt an
             KV cache is f32 for --dtype float32 (equal precision; its default is f16 for every
             model), f16 otherwise.
 Modes run one after the other, alternating (A B A B) with --rounds. Each server gets the
-machine's cores split between its workers.
+machine's cores split between its workers. Each row also carries `cpu_s`: the CPU seconds
+each of the server's processes (router, workers; llama-server's one) spent during the load.
 """
 
 from __future__ import annotations
