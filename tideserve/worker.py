@@ -43,6 +43,7 @@ from tideserve.protocol import (
 from tideserve.security import CurveKeys, make_client
 
 log = logging.getLogger(__name__)
+DRAIN_SETTLE_S = 0.5  # after SIGTERM, an idle worker still listens this long before it stops
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ class WorkerLoop:
         self.switch_to: str | None = None  # set when run() returns to take another role
         self.draining = False  # SIGTERM: finish what is here, take nothing new, then stop
         self.drain_deadline = 0.0
+        self.drain_settled_at = 0.0  # not idle-stopped before: requests may still be in flight
         self.step = step
         self.stats = stats
         self.on_poll = on_poll
@@ -196,6 +198,10 @@ class WorkerLoop:
                 return
             self.draining = True
             self.drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
+            # NOTE: what the router sent before it heard of the drain may still be on the wire
+            # (or, after a SIGSTOP, in this process's unread socket): an idle worker waits a
+            # moment for it instead of leaving it to be re-dispatched.
+            self.drain_settled_at = time.monotonic() + DRAIN_SETTLE_S
             self._next_beat = 0.0  # tell the router at once
 
         signal.signal(signal.SIGTERM, drain)
@@ -221,7 +227,9 @@ class WorkerLoop:
             self.on_poll()
             busy = self.step()
             self.heartbeat()
-            if self.draining and (not self.busy() or time.monotonic() > self.drain_deadline):
+            now = time.monotonic()
+            idle = not self.busy() and now >= self.drain_settled_at
+            if self.draining and (idle or now > self.drain_deadline):
                 log.info("drained%s: stopping", "" if not self.busy() else " (timed out)")
                 self.stopping = True
 
