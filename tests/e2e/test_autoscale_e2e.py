@@ -15,7 +15,9 @@ import pytest
 from tideserve.launcher import ServeProcess
 
 pytestmark = pytest.mark.slow
-MAX_TOKENS = 24
+# NOTE: the burst must outlast a new worker's start-up (~4-5 s here) for scale-out to show;
+# at 24 tokens the faster engine finished it before the second worker was ready.
+MAX_TOKENS = 64
 PROMPTS = [f"Write one sentence about the number {i}." for i in range(24)]
 
 

@@ -365,6 +365,8 @@ def test_fused_cpu_ops_match_the_torch_ops(dtype):
     check = torch.equal if exact else lambda a, b: torch.allclose(a, b, atol=1e-6, rtol=1e-6)
     assert check(q, rotated[:, :H]) and check(cache, ref_cache)
     assert cache[:, :, [s for s in range(S) if s not in set(slots.tolist())]].abs().sum() == 0
+    with pytest.raises(RuntimeError, match="slot out of range"):  # never a write past the cache
+        ops.rope_write_kv(qkv, cos, sin, cache, slots + S, H, K)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])

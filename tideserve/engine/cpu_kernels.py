@@ -424,6 +424,9 @@ torch::Tensor rope_write_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor 
   TORCH_CHECK(qkv.scalar_type() == cache.scalar_type() && cos.scalar_type() == qkv.scalar_type() &&
               sin.scalar_type() == qkv.scalar_type() && slots.scalar_type() == at::kLong,
               "rope_write_kv: dtypes");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < rows; ++t)  // a bad slot must raise, not write past the cache
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < cache.size(2), "rope_write_kv: slot out of range");
   auto q = torch::empty({rows, H, D}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_kv", [&] {
     rope_rows<scalar_t>(qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
@@ -509,7 +512,7 @@ def load():
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="tideserve_cpu_kernels_v11",
+                name="tideserve_cpu_kernels_v12",
                 cpp_sources=[_SOURCE],
                 functions=[
                     "paged_decode_attention",
