@@ -7,14 +7,12 @@ stopping the server leaves no process behind.
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from tests.factories import make_tiny_model, make_tiny_tokenizer
+from tests.integration.elastic import post
 from tideserve.launcher import ServeProcess
 
 
@@ -22,17 +20,6 @@ from tideserve.launcher import ServeProcess
 def tiny_dir(tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("tiny-serve"), vocab_size=259 + 5)
     return make_tiny_tokenizer(path)
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 @pytest.mark.parametrize("mode", ["disaggregated", "colocated"])

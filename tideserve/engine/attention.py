@@ -51,9 +51,9 @@ class AttentionBatch:
     block_size: int
     decode_groups: list[DecodeGroup]  # the torch path
     prefills: list[PrefillChunk]
-    decode_kernel: object | None = None  # the compiled CPU kernel module (attends every row)
-    decode_tables: torch.Tensor | None = None  # [T, nb] each row's block table (kernel path)
-    decode_lens: torch.Tensor | None = None  # [T] each row's context length (kernel path)
+    kernel: object | None = None  # the compiled CPU kernel module (attends every row)
+    row_tables: torch.Tensor | None = None  # [T, nb] each row's block table (kernel path)
+    row_lens: torch.Tensor | None = None  # [T] each row's context length (kernel path)
     cos: torch.Tensor | None = None  # [T, 1, hd] rotary tables for this step's positions
     sin: torch.Tensor | None = None
     ops: object | None = None  # the compiled CPU module's fused row-wise ops, when used
@@ -77,9 +77,9 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [T, H, hd]
-    if batch.decode_kernel is not None:  # every row, decodes and prefill tokens alike
-        return batch.decode_kernel.paged_decode_attention(
-            q.contiguous(), cache, batch.decode_tables, batch.decode_lens, batch.block_size, scale
+    if batch.kernel is not None:  # every row, decodes and prefill tokens alike
+        return batch.kernel.paged_decode_attention(
+            q.contiguous(), cache, batch.row_tables, batch.row_lens, batch.block_size, scale
         )
     if len(batch.decode_groups) == 1 and not batch.prefills:
         return _decode_attention(q, cache, batch.decode_groups[0], batch.block_size, scale)

@@ -129,8 +129,8 @@ class ModelRunner:
             ops=self.ops,
         )
         if self.kernel is not None:
-            batch.decode_kernel = self.kernel
-            batch.decode_tables, batch.decode_lens = self._kernel_rows(step.decodes + step.prefills)
+            batch.kernel = self.kernel
+            batch.row_tables, batch.row_lens = self._kernel_rows(step.decodes + step.prefills)
             return batch
         start = 0
         for members in _length_groups([d.start + 1 for d in step.decodes]):
